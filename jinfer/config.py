@@ -1,0 +1,197 @@
+"""Frozen, hashable model configuration, built from HF config.json, GGUF metadata or a TOML preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tomllib
+from typing import Any
+
+CONFIGS_DIR = pathlib.Path(os.environ.get("JINFER_CONFIGS", pathlib.Path(__file__).resolve().parents[1] / "configs"))
+PRESETS_DIR = CONFIGS_DIR / "models"
+
+# HF `architectures` entry -> jinfer architecture family.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+}
+ARCHITECTURES = frozenset(HF_ARCHITECTURES.values())
+ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: base frequency and optional context-extension scaling."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {ROPE_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the shapes and the maths of a decoder. Static under jit."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    activation: str = "silu"
+    norm_offset: float = 0.0
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    layer_windows: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; supported: {sorted(ARCHITECTURES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; supported: {ACTIVATIONS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    """Reads both the v4 (`rope_theta` + `rope_scaling`) and the v5 (`rope_parameters`) layouts."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    fields = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if k in params}
+    return RopeConfig(theta=float(theta), rope_type=rope_type, **fields)
+
+
+def _layer_windows(hf: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding window (0 = full attention), from `layer_types` or the legacy flags."""
+    window = hf.get("sliding_window") or 0
+    layer_types = hf.get("layer_types")
+    if layer_types:
+        return tuple(window if kind == "sliding_attention" else 0 for kind in layer_types)
+    model_type = hf.get("model_type")
+    if model_type == "gemma2":
+        return tuple(window if i % 2 == 0 else 0 for i in range(num_layers))
+    if model_type in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False):
+            return (0,) * num_layers
+        first = hf.get("max_window_layers", num_layers)
+        return tuple(window if i >= first else 0 for i in range(num_layers))
+    return (window,) * num_layers
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def from_hf_config(hf: dict[str, Any], source: str = "config") -> ModelConfig:
+    """Translates a Hugging Face `config.json` dict; `source` names it in errors."""
+    names = hf.get("architectures") or []
+    known = [HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES]
+    if not known:
+        raise ValueError(f"{source}: unknown architecture {names or hf.get('model_type')!r}; supported: {sorted(HF_ARCHITECTURES)}")
+    arch = known[0]
+    num_layers = hf["num_hidden_layers"]
+    num_heads = hf["num_attention_heads"]
+    gemma = arch in ("gemma", "gemma2")
+    activation = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope=_rope_from_hf(hf),
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
+        attention_bias=hf.get("attention_bias", arch == "qwen2"),
+        qk_norm=arch == "qwen3",
+        activation="gelu_tanh" if activation.startswith("gelu") else activation,
+        norm_offset=1.0 if gemma else 0.0,
+        scale_embeddings=gemma,
+        sandwich_norms=arch == "gemma2",
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if arch == "gemma2" else None,
+        attn_logit_softcap=hf.get("attn_logit_softcapping") if arch == "gemma2" else None,
+        final_logit_softcap=hf.get("final_logit_softcapping") if arch == "gemma2" else None,
+        layer_windows=_layer_windows(hf, num_layers),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+    )
+
+
+def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
+    path = pathlib.Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {str(directory)!r}")
+    return from_hf_config(json.loads(path.read_text()), source=str(path))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def read_preset(name: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """A TOML preset: its `[model]` table (ModelConfig fields, `[model.rope]` nested) and its `[reference]` facts."""
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available presets: {preset_names()}")
+    data = tomllib.loads(path.read_text())
+    return config_from_dict(data["model"]), data.get("reference", {})
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in data.items() if k in fields}
+    values["rope"] = RopeConfig(**values.get("rope", {}))
+    for key in ("layer_windows", "eos_token_ids"):
+        values[key] = tuple(values.get(key, ()))
+    return ModelConfig(**values)

@@ -1,0 +1,148 @@
+"""`jinfer.load`: a model's config, parameters and tokenizer from a checkpoint or a preset."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from jinfer import config as config_lib
+from jinfer import sharding
+from jinfer.checkpoint import orbax_io
+from jinfer.checkpoint.gguf import GGUFCheckpoint
+from jinfer.checkpoint.safetensors_dir import SafetensorsCheckpoint
+from jinfer.checkpoint.weights import load_params
+from jinfer.models.transformer import Transformer
+from jinfer.ops.attention import FullSequenceAttention
+from jinfer.tokenizer import Tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; supported: {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+def abstract_params(config: config_lib.ModelConfig, dtype=jnp.float32):
+    """Shapes, dtypes and logical axes of every parameter, without allocating: `nn.LogicallyPartitioned` leaves."""
+    module = Transformer(config, resolve_dtype(dtype))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, tokens, FullSequenceAttention()))
+    return variables["params"]
+
+
+def count_params(config: config_lib.ModelConfig) -> int:
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.unbox(abstract_params(config))))
+
+
+def init_params(config: config_lib.ModelConfig, dtype=jnp.float32, seed: int = 0):
+    """Random parameters (normal, stddev 0.02; norms at identity), as a plain pytree."""
+    module = Transformer(config, resolve_dtype(dtype))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(module.init(jax.random.key(seed), tokens, tokens, FullSequenceAttention())["params"])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def full_forward(params, tokens, *, config, dtype):
+    """tokens: [B, S] int32 -> float32 logits [B, S, vocab], every sequence starting at position 0."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = Transformer(config, dtype).apply({"params": params}, tokens, positions, FullSequenceAttention())
+    return logits
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: frozen config, plain parameter pytree, tokenizer (None for a bare preset)."""
+
+    config: config_lib.ModelConfig
+    params: Any
+    tokenizer: Tokenizer | None
+    dtype: jnp.dtype
+    mesh: Mesh | None = None
+
+    def logits(self, token_ids) -> np.ndarray:
+        """token_ids: [batch, seq] ints -> float32 logits [batch, seq, vocab]."""
+        tokens = np.asarray(token_ids)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"token_ids must be a [batch, seq] integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is out of the vocabulary (size {self.config.vocab_size})")
+        return np.asarray(full_forward(self.params, jnp.asarray(tokens, jnp.int32), config=self.config, dtype=self.dtype))
+
+
+def param_shardings(annotated, mesh: Mesh | None):
+    """Where each parameter lives: device 0 without a mesh, else by the logical-axis rules."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, nn.unbox(annotated))
+    return sharding.logical_shardings(annotated, mesh)
+
+
+def _placer(shardings):
+    """place(path, host_array) -> the array on device(s), by its parameter path."""
+    by_path = {tuple(k.key for k in p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    return lambda path, array: jax.device_put(array, by_path[path])
+
+
+def _open_source(path: pathlib.Path):
+    """The checkpoint reader for a path, or None for a jinfer Orbax checkpoint."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"unsupported checkpoint file {str(path)!r}: expected a .gguf file or a checkpoint directory")
+        return GGUFCheckpoint(path)
+    if orbax_io.is_orbax_checkpoint(path):
+        return None
+    return SafetensorsCheckpoint(path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _tokenizer_for(path: pathlib.Path) -> Tokenizer | None:
+    if path.is_file():
+        return Tokenizer.from_gguf(path)
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        return Tokenizer.from_pretrained_dir(path)
+    logging.warning("no tokenizer files %s in %s: the model has no tokenizer", TOKENIZER_FILES, path)
+    return None
+
+
+def load(path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh | None = None, seed: int = 0) -> Model:
+    """Loads a GGUF file, an HF safetensors directory, a jinfer Orbax checkpoint, or a preset (random weights)."""
+    dtype = resolve_dtype(dtype)
+    path = pathlib.Path(path_or_preset).expanduser()
+    start = time.perf_counter()
+    if not path.exists():
+        if str(path_or_preset) in config_lib.preset_names():
+            config, _ = config_lib.read_preset(str(path_or_preset))
+            shardings = param_shardings(abstract_params(config, dtype), mesh)
+            params = jax.jit(init_params, static_argnums=(0, 1, 2), out_shardings=shardings)(config, dtype, seed)
+            return Model(config, params, None, dtype, mesh)
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}, and it is not a preset name; presets: {config_lib.preset_names()}")
+    source = _open_source(path)
+    if source is None:
+        config = orbax_io.read_config(path)
+        annotated = abstract_params(config, dtype)
+        params = orbax_io.restore(path, nn.unbox(annotated), param_shardings(annotated, mesh))
+    else:
+        config = config_lib.from_hf_config(source.hf_config(), source=str(path))
+        annotated = abstract_params(config, dtype)
+        params = load_params(source, annotated, config, _placer(param_shardings(annotated, mesh)), source_name=str(path))
+    tokenizer = _tokenizer_for(path)
+    logging.info("loaded %s (%s) in %.2f s", path, config.architecture, time.perf_counter() - start)
+    return Model(config, params, tokenizer, dtype, mesh)

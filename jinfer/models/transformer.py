@@ -1,0 +1,115 @@
+"""The decoder: a pure function of (params, tokens, positions, attention backend, cache).
+
+Dense ops work on any leading shape `[*lead]` (`[batch, seq]` for full sequences, `[tokens]`
+for a ragged engine batch); only the attention backend knows how tokens relate to each other
+and to the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jinfer.config import ModelConfig
+from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_rope, rope_tables
+from jinfer.ops.attention import LayerAttention
+
+
+def layer_attention(config: ModelConfig, layer_index: int) -> LayerAttention:
+    return LayerAttention(
+        scale=config.attention_scale,
+        window=config.layer_windows[layer_index],
+        softcap=config.attn_logit_softcap,
+    )
+
+
+class Attention(nn.Module):
+    """Projections, optional q/k norm, rotary embedding; the attention itself is the backend's."""
+
+    config: ModelConfig
+    layer_index: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, rope, positions, backend, cache):  # x: [*lead, embed]; positions: [*lead]
+        cfg = self.config
+        embed, heads, kv_heads = (cfg.hidden_size,), (cfg.num_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+
+        def projection(features, axes, name):
+            return Linear(embed, features, ("embed", *axes), use_bias=cfg.attention_bias, dtype=self.dtype, name=name)(x)
+
+        q = projection(heads, ("heads", "head_dim"), "q_proj")  # [*lead, H, D]
+        k = projection(kv_heads, ("kv_heads", "head_dim"), "k_proj")  # [*lead, K, D]
+        v = projection(kv_heads, ("kv_heads", "head_dim"), "v_proj")  # [*lead, K, D]
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, axis_name="head_dim", dtype=self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, axis_name="head_dim", dtype=self.dtype, name="k_norm")(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out, cache = backend(q, k, v, positions, cache, layer_attention(cfg, self.layer_index))
+        out = Linear(heads, embed, ("heads", "head_dim", "embed"), dtype=self.dtype, name="o_proj")(out)
+        return out, cache
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    layer_index: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, rope, positions, backend, cache):  # x: [*lead, embed]
+        cfg = self.config
+
+        def norm(name):
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype=self.dtype, name=name)
+
+        with jax.named_scope("attention"):
+            h, cache = Attention(cfg, self.layer_index, self.dtype, name="attn")(norm("attn_norm")(x), rope, positions, backend, cache)
+            if cfg.sandwich_norms:
+                h = norm("attn_post_norm")(h)
+            x = x + h
+        with jax.named_scope("mlp"):
+            h = GatedMLP(cfg, self.dtype, name="mlp")(norm("mlp_norm")(x))
+            if cfg.sandwich_norms:
+                h = norm("mlp_post_norm")(h)
+            return x + h, cache
+
+
+class Transformer(nn.Module):
+    """Token ids -> float32 logits. `cache` is a per-layer list the backend reads and writes (or None)."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, positions, backend, cache=None):  # tokens, positions: [*lead] int32
+        cfg = self.config
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size),
+            self.dtype,
+        )
+        x = jnp.take(embedding, tokens, axis=0)  # [*lead, embed]
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
+        rope = rope_tables(positions, cfg.rope, cfg.head_dim, self.dtype)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, layer_cache = DecoderLayer(cfg, i, self.dtype, name=f"layer_{i}")(
+                    x, rope, positions, backend, None if cache is None else cache[i]
+                )
+            new_cache.append(layer_cache)
+        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype=self.dtype, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("...e,ve->...v", x, embedding, preferred_element_type=jnp.float32)
+        else:
+            logits = Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), dtype=self.dtype, name="lm_head")(x)
+        logits = logits.astype(self.dtype).astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits, (None if cache is None else new_cache)
