@@ -26,6 +26,7 @@ from jinfer.models.transformer import Transformer
 from jinfer.ops.attention import FullSequenceAttention
 from jinfer.tokenizer import Tokenizer
 
+GREEDY_BUCKET = 64
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -83,6 +84,27 @@ class Model:
         if bad.size:
             raise ValueError(f"token id {int(bad[0])} is out of the vocabulary (size {self.config.vocab_size})")
         return np.asarray(full_forward(self.params, jnp.asarray(tokens, jnp.int32), config=self.config, dtype=self.dtype))
+
+    def greedy_continuation(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy tokens after `prompt_ids`, one full-sequence forward per token.
+
+        The sequence is right-padded to a multiple of GREEDY_BUCKET so one compiled forward
+        serves many lengths; causal attention keeps the padding from touching real positions.
+        """
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: a continuation needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        tokens = list(prompt_ids)
+        for _ in range(max_new_tokens):
+            length = -(-len(tokens) // GREEDY_BUCKET) * GREEDY_BUCKET
+            padded = np.zeros((1, length), np.int64)
+            padded[0, : len(tokens)] = tokens
+            next_token = int(np.argmax(self.logits(padded)[0, len(tokens) - 1]))
+            tokens.append(next_token)
+            if next_token in stop_ids:
+                break
+        return tokens[len(prompt_ids) :]
 
 
 def param_shardings(annotated, mesh: Mesh | None):

