@@ -135,9 +135,9 @@ def _open_source(path: pathlib.Path):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def _tokenizer_for(path: pathlib.Path) -> Tokenizer | None:
-    if path.is_file():
-        return Tokenizer.from_gguf(path)
+def _tokenizer_for(path: pathlib.Path, source) -> Tokenizer | None:
+    if isinstance(source, GGUFCheckpoint):
+        return Tokenizer.from_gguf_metadata(source.metadata, source=str(path))
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         return Tokenizer.from_pretrained_dir(path)
     logging.warning("no tokenizer files %s in %s: the model has no tokenizer", TOKENIZER_FILES, path)
@@ -165,6 +165,6 @@ def load(path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh
         config = config_lib.from_hf_config(source.hf_config(), source=str(path))
         annotated = abstract_params(config, dtype)
         params = load_params(source, annotated, config, _placer(param_shardings(annotated, mesh)), source_name=str(path))
-    tokenizer = _tokenizer_for(path)
+    tokenizer = _tokenizer_for(path, source)
     logging.info("loaded %s (%s) in %.2f s", path, config.architecture, time.perf_counter() - start)
     return Model(config, params, tokenizer, dtype, mesh)
