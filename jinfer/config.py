@@ -195,3 +195,48 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     for key in ("layer_windows", "eos_token_ids"):
         values[key] = tuple(values.get(key, ()))
     return ModelConfig(**values)
+
+
+def _powers_of_two_up_to(limit: int) -> tuple[int, ...]:
+    sizes, size = [], 1
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes) + (limit,)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving limits and the padded shapes ("buckets") the step is compiled for."""
+
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_num_batched_tokens: int = 256
+    page_size: int = 16
+    kv_cache_memory: str = "256MiB"
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs} "
+                "so that every running sequence can decode in one step"
+            )
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two_up_to(self.max_num_batched_tokens)
+
+    @property
+    def seq_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two_up_to(self.max_num_seqs)
+
+    @property
+    def page_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two_up_to(self.max_pages_per_seq)

@@ -79,13 +79,17 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids -> float32 logits. `cache` is a per-layer list the backend reads and writes (or None)."""
+    """Token ids -> float32 logits. `cache` is a per-layer list the backend reads and writes (or None).
+
+    `logits_index` ([R] int32 indices into the flattened tokens) keeps only those positions'
+    logits: the engine samples one token per sequence, so it never projects the others to the vocabulary.
+    """
 
     config: ModelConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, backend, cache=None):  # tokens, positions: [*lead] int32
+    def __call__(self, tokens, positions, backend, cache=None, logits_index=None):  # tokens, positions: [*lead] int32
         cfg = self.config
         embedding = self.param(
             "embedding",
@@ -104,6 +108,8 @@ class Transformer(nn.Module):
                     x, rope, positions, backend, None if cache is None else cache[i]
                 )
             new_cache.append(layer_cache)
+        if logits_index is not None:
+            x = x.reshape(-1, cfg.hidden_size)[logits_index]  # [R, embed]
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype=self.dtype, name="final_norm")(x)
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("...e,ve->...v", x, embedding, preferred_element_type=jnp.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -53,3 +54,49 @@ class FullSequenceAttention:
     def __call__(self, q, k, v, positions, cache, layer: LayerAttention):
         """q: [B, S, H, D]; k, v: [B, S, K, D]; positions: [B, S] -> ([B, S, H, D], cache unchanged)."""
         return grouped_attention(q, k, v, visible(positions, positions, layer.window), layer), cache
+
+
+def write_kv(pages, new, slots):
+    """pages: [num_pages, page_size, K, D]; new: [T, K, D]; slots: [T] flat slot ids -> updated pages."""
+    num_pages, page_size, kv_heads, head_dim = pages.shape
+    flat = pages.reshape(num_pages * page_size, kv_heads, head_dim)
+    return flat.at[slots].set(new.astype(pages.dtype)).reshape(pages.shape)
+
+
+def paged_attention_reference(q, k_pages, v_pages, positions, token_rows, page_table, layer: LayerAttention):
+    """Ragged attention over paged K/V: each token attends to its own row's cache up to its position.
+
+    q: [T, H, D]; k_pages, v_pages: [num_pages, page_size, K, D]; positions, token_rows: [T] int32;
+    page_table: [R, P] int32 page ids per row -> [T, H, D]. Cache slots past a token's position
+    (stale or NaN-poisoned pages) are masked out of both the scores and the values.
+    """
+    _, page_size, kv_heads, head_dim = k_pages.shape
+    pages = page_table[token_rows]  # [T, P]
+    num_tokens, pages_per_row = pages.shape
+    span = pages_per_row * page_size
+    k = k_pages[pages].reshape(num_tokens, span, kv_heads, head_dim)
+    v = v_pages[pages].reshape(num_tokens, span, kv_heads, head_dim)
+    mask = visible(positions[:, None], jnp.arange(span, dtype=positions.dtype)[None, :], layer.window)[:, 0]  # [T, span]
+    v = jnp.where(mask[:, :, None, None], v, jnp.zeros((), v.dtype))
+    out = grouped_attention(q[:, None], k, v, mask[:, None, :], layer)
+    return out[:, 0]
+
+
+@flax.struct.dataclass
+class PagedAttention:
+    """A ragged batch against the KV page pool: writes each token's K/V, then attends through the page table.
+
+    token_rows: [T] int32 row of each token; slots: [T] int32 flat cache slot of each token's K/V
+    (padding tokens write into the null page); page_table: [R, P] int32 page ids of each row.
+    """
+
+    token_rows: jax.Array
+    slots: jax.Array
+    page_table: jax.Array
+
+    def __call__(self, q, k, v, positions, cache, layer: LayerAttention):
+        """q: [T, H, D]; k, v: [T, K, D]; positions: [T]; cache: {"k", "v"} pages -> ([T, H, D], cache)."""
+        k_pages = write_kv(cache["k"], k, self.slots)
+        v_pages = write_kv(cache["v"], v, self.slots)
+        out = paged_attention_reference(q, k_pages, v_pages, positions, self.token_rows, self.page_table, layer)
+        return out, {"k": k_pages, "v": v_pages}

@@ -1,0 +1,99 @@
+"""The KV page pool: per-layer device arrays of static shape, sized by a printed memory plan.
+
+Layout per layer: k and v each `[num_pages, page_size, num_kv_heads, head_dim]`. A token's K/V
+lives at flat slot `page * page_size + offset`; page 0 is the null page that padding points to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.config import ModelConfig
+
+NULL_PAGE = 0
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'512MiB' / '2GB' / 1048576 -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 512MiB or 2GB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype) -> int:
+    """Bytes one page takes across all layers (K and V)."""
+    return config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    weight_bytes: int
+    page_size: int
+    num_pages: int  # including the null page
+    bytes_per_page: int
+    step_temp_bytes: int | None
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_pages * self.bytes_per_page
+
+    @property
+    def max_tokens_in_flight(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    def table(self) -> str:
+        rows = [
+            ("weights", format_bytes(self.weight_bytes)),
+            ("KV pages", f"{format_bytes(self.kv_bytes)} ({self.num_pages} pages x {format_bytes(self.bytes_per_page)}, page 0 reserved)"),
+            ("page size", f"{self.page_size} tokens"),
+            ("max tokens in flight", str(self.max_tokens_in_flight)),
+            ("step temporaries", "n/a" if self.step_temp_bytes is None else format_bytes(self.step_temp_bytes)),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "memory plan\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def plan_memory(config: ModelConfig, params, page_size: int, kv_cache_memory: int, dtype, step_temp_bytes: int | None = None) -> MemoryPlan:
+    """How many pages fit in `kv_cache_memory` bytes; errors name the budget when not even two do."""
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    per_page = page_bytes(config, page_size, dtype)
+    num_pages = kv_cache_memory // per_page
+    if num_pages < 2:
+        raise ValueError(
+            f"kv_cache_memory={format_bytes(kv_cache_memory)} holds {num_pages} pages of {format_bytes(per_page)}; "
+            "at least 2 (the null page and one usable page) are needed"
+        )
+    return MemoryPlan(weight_bytes, page_size, int(num_pages), per_page, step_temp_bytes)
+
+
+def abstract_cache(config: ModelConfig, num_pages: int, page_size: int, dtype):
+    """Shapes of the pool: a list over layers of {"k", "v"} ShapeDtypeStructs."""
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    layer = {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
+    return [dict(layer) for _ in range(config.num_layers)]
+
+
+def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, fill: float = 0.0):
+    """The pool on device, every slot set to `fill` (tests poison it with NaN)."""
+    return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype), abstract_cache(config, num_pages, page_size, dtype))
+
+
+def slots_for(pages: np.ndarray, positions: np.ndarray, page_size: int) -> np.ndarray:
+    """Flat cache slots of `positions` ([n] ints) in a sequence whose pages are `pages` ([n_pages])."""
+    return pages[positions // page_size] * page_size + positions % page_size

@@ -1,0 +1,161 @@
+"""The engine: requests in, tokens out. Host-side bookkeeping around the one jitted step."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jinfer.cache import allocate_cache, parse_bytes, plan_memory
+from jinfer.config import EngineConfig
+from jinfer.engine.batch import build_batch
+from jinfer.engine.page_allocator import PageAllocator
+from jinfer.engine.request import Request
+from jinfer.engine.scheduler import Schedule, Scheduler
+from jinfer.model import Model
+from jinfer.sampling import SamplingParams
+from jinfer.step import step as step_fn
+from jinfer.tokenizer import IncrementalDetokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One sampled token of one request, with the text it completes."""
+
+    request: Request
+    token_id: int
+    text_delta: str
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), *, cache_fill: float = 0.0, seed: int = 0):
+        self.model = model
+        self.config = config
+        self.plan = plan_memory(model.config, model.params, config.page_size, parse_bytes(config.kv_cache_memory), model.dtype)
+        logging.info("%s", self.plan.table())
+        self.kv_cache = allocate_cache(model.config, self.plan.num_pages, config.page_size, model.dtype, fill=cache_fill)
+        self.allocator = PageAllocator(self.plan.num_pages)
+        self.scheduler = Scheduler(config, self.allocator)
+        self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._arrivals = itertools.count()
+        self._seeds = np.random.default_rng(seed)
+        self._bucket_shapes: set[tuple[int, ...]] = set()
+
+    @property
+    def bucket_shapes_used(self) -> set[tuple[int, ...]]:
+        """(tokens, rows, pages per row, history width) of every step run so far."""
+        return set(self._bucket_shapes)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError naming the problem if the request could never run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of the vocabulary (size {vocab})")
+        if len(prompt_ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={self.config.max_model_len} (it needs room for one generated token)")
+        longest = min(len(prompt_ids) + params.max_tokens, self.config.max_model_len)
+        needed = self.scheduler.pages_needed(longest)
+        if needed > self.plan.num_pages - 1:
+            raise ValueError(
+                f"a request of up to {longest} tokens needs {needed} KV pages but the pool has only {self.plan.num_pages - 1}; "
+                "raise kv_cache_memory or lower max_tokens"
+            )
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(), request_id: str | None = None) -> Request:
+        self.validate(prompt_ids, params)
+        arrival = next(self._arrivals)
+        request_id = request_id if request_id is not None else f"req-{arrival}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        request = Request(request_id, list(prompt_ids), params, seed, arrival)
+        self._requests[request_id] = request
+        if self.model.tokenizer is not None:
+            self._detokenizers[request_id] = self.model.tokenizer.detokenizer()
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            raise KeyError(f"no request {request_id!r} in flight")
+        self._detokenizers.pop(request_id, None)
+        self.scheduler.finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[TokenEvent]:
+        """Schedules, runs one jitted step, and applies the sampled tokens."""
+        schedule = self.scheduler.schedule()
+        if not schedule.rows:
+            return []
+        batch = build_batch(schedule, self.config)
+        self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
+        self.kv_cache, output = step_fn(self.model.params, self.kv_cache, jax.tree.map(jnp.asarray, batch), config=self.model.config, dtype=self.model.dtype)
+        sampled = jax.device_get(output.sampled)
+        return self._apply(schedule, sampled)
+
+    def _apply(self, schedule: Schedule, sampled) -> list[TokenEvent]:
+        now = time.perf_counter()
+        events = []
+        for i, row in enumerate(schedule.rows):
+            request = row.request
+            request.num_computed = row.start + row.num_tokens
+            if not row.samples:
+                continue
+            token = int(sampled.tokens[i])
+            request.output_ids.append(token)
+            request.logprobs.append(float(sampled.logprob[i]))
+            if request.params.logprobs:
+                count = request.params.logprobs
+                request.top_logprobs.append(dict(zip(sampled.top_ids[i, :count].tolist(), sampled.top_logprobs[i, :count].tolist())))
+            if request.first_token_time is None:
+                request.first_token_time = now
+            reason = self._extend_text(request, token)
+            if reason:
+                self.scheduler.finish(request, reason)
+                self._requests.pop(request.request_id, None)
+                self._detokenizers.pop(request.request_id, None)
+            delta = self._new_text(request)
+            events.append(TokenEvent(request, token, delta, reason is not None))
+        return events
+
+    def _extend_text(self, request: Request, token: int) -> str | None:
+        """Appends the token's text; returns the finish reason if the request is done."""
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is not None:
+            request.text += detokenizer.add(token)
+        params = request.params
+        eos_ids = () if params.ignore_eos or self.model.tokenizer is None else self.model.tokenizer.eos_token_ids
+        if token in params.stop_token_ids or token in eos_ids:
+            reason = "stop"
+        elif len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            reason = "length"
+        else:
+            reason = None
+        if reason and detokenizer is not None:
+            request.text += detokenizer.flush()
+        cuts = [cut for cut in (request.text.find(stop) for stop in params.stop) if cut >= 0]
+        if cuts:
+            request.text = request.text[: min(cuts)]
+            return "stop"
+        return reason
+
+    def _new_text(self, request: Request) -> str:
+        """Text not yet emitted; while running, holds back what could be the start of a stop string."""
+        holdback = 0 if request.finished or not request.params.stop else max(map(len, request.params.stop)) - 1
+        end = max(request.emitted_chars, len(request.text) - holdback)
+        delta = request.text[request.emitted_chars : end]
+        request.emitted_chars = end
+        return delta

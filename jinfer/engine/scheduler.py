@@ -1,0 +1,134 @@
+"""First come, first served scheduling under a per-step token budget, with pages from the allocator.
+
+Each step: every running decode gets one token first (long prompts never starve them), then
+prompt chunks fill the rest of the budget (chunked prefill), oldest request first. When pages run
+out, the newest running request is preempted: its pages are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jinfer.config import EngineConfig
+from jinfer.engine.page_allocator import PageAllocator
+from jinfer.engine.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledRow:
+    """`request` runs `token_ids[start : start + num_tokens]` this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the last known token, so the step's output is the next token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class Schedule:
+    rows: list[ScheduledRow]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(row.num_tokens for row in self.rows)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: PageAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+
+    def pages_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.page_size)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Ends a request (done, aborted or failed) and returns its pages."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.allocator.free(request.pages)
+        request.pages = []
+        request.finish(reason)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.allocator.free(request.pages)
+        request.pages = []
+        request.num_computed = 0
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _reserve(self, request: Request, num_tokens: int, scheduled: set[int], preempted: list[Request]) -> bool:
+        """Gives `request` pages for `num_tokens` tokens, preempting the newest unscheduled running
+        requests if needed. False if `request` itself had to be preempted or nothing could be freed."""
+        missing = self.pages_needed(num_tokens) - len(request.pages)
+        while not self.allocator.can_allocate(missing):
+            victims = [r for r in self.running if id(r) not in scheduled]
+            if not victims:
+                return False
+            victim = max(victims, key=lambda r: r.arrival_order)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        request.pages += self.allocator.allocate(missing)
+        return True
+
+    def schedule(self) -> Schedule:
+        budget = self.config.max_num_batched_tokens
+        rows: list[ScheduledRow] = []
+        scheduled: set[int] = set()
+        preempted: list[Request] = []
+
+        def add_row(request: Request, num_tokens: int) -> None:
+            nonlocal budget
+            rows.append(ScheduledRow(request, request.num_computed, num_tokens))
+            scheduled.add(id(request))
+            budget -= num_tokens
+
+        for request in sorted((r for r in self.running if r.is_decoding), key=lambda r: r.arrival_order):
+            if len(rows) == self.config.max_num_seqs:
+                break
+            if request.status is Status.RUNNING and self._reserve(request, request.num_tokens, scheduled, preempted):
+                add_row(request, 1)
+
+        prefilling = sorted((r for r in self.running if id(r) not in scheduled and not r.is_decoding), key=lambda r: r.arrival_order)
+        for request in prefilling:
+            if budget == 0 or len(rows) == self.config.max_num_seqs:
+                break
+            if request.status is not Status.RUNNING:
+                continue
+            num_tokens = min(request.num_uncomputed, budget)
+            if self._reserve(request, request.num_computed + num_tokens, scheduled, preempted):
+                add_row(request, num_tokens)
+
+        while self.waiting and budget > 0 and len(rows) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if request in preempted:
+                break
+            num_tokens = min(request.num_uncomputed, budget)
+            missing = self.pages_needed(request.num_computed + num_tokens)
+            if not self.allocator.can_allocate(missing):
+                break
+            self.waiting.popleft()
+            request.pages = self.allocator.allocate(missing)
+            request.status = Status.RUNNING
+            self.running.append(request)
+            add_row(request, num_tokens)
+        return Schedule(rows, preempted)
