@@ -7,6 +7,7 @@ lives at flat slot `page * page_size + offset`; page 0 is the null page that pad
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -92,6 +93,12 @@ def abstract_cache(config: ModelConfig, num_pages: int, page_size: int, dtype):
 def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, fill: float = 0.0):
     """The pool on device, every slot set to `fill` (tests poison it with NaN)."""
     return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype), abstract_cache(config, num_pages, page_size, dtype))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def fill_pages(cache, pages, value):
+    """Sets every slot of `pages` ([n] int32) to `value` in every layer's K and V."""
+    return jax.tree.map(lambda layer: layer.at[pages].set(jnp.asarray(value, layer.dtype)), cache)
 
 
 def slots_for(pages: np.ndarray, positions: np.ndarray, page_size: int) -> np.ndarray:

@@ -1,23 +1,40 @@
-"""The `jinfer` command: `jinfer generate`, `jinfer convert`."""
+"""The `jinfer` command: generate, chat, bench, convert."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import time
 
 from absl import app, flags, logging
 
+from jinfer.config import EngineConfig
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:1,model:8 (default: one device).")
 flags.DEFINE_string("prompt", None, "generate: the prompt (else --prompt_file, else stdin).")
 flags.DEFINE_string("prompt_file", None, "generate: a file with one prompt per line.")
-flags.DEFINE_integer("max_tokens", 64, "generate: most tokens to produce per prompt.")
-flags.DEFINE_bool("chat", True, "generate: wrap each prompt as a user message in the model's chat template.")
+flags.DEFINE_bool("chat_template", True, "generate: wrap each prompt as a user message in the model's chat template.")
+flags.DEFINE_integer("max_tokens", 64, "Most tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p times the top probability.")
+flags.DEFINE_float("repetition_penalty", 1.0, "Penalty for tokens already in the prompt or output.")
+flags.DEFINE_integer("seed", None, "Sampling seed.")
+flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
 flags.DEFINE_string("output", None, "convert: directory for the jinfer checkpoint.")
 flags.DEFINE_bool("parity", True, "convert: finish with a parity report against the source.")
+flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla"), "Persistent XLA compilation cache directory ('' to disable).")
+for _field in dataclasses.fields(EngineConfig):
+    _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_string
+    _define(_field.name, _field.default, f"Engine: {_field.name} (EngineConfig).")
 
-COMMANDS = ("generate", "convert")
+COMMANDS = ("generate", "chat", "bench", "convert")
 
 
 def _model_path() -> str:
@@ -26,29 +43,92 @@ def _model_path() -> str:
     return FLAGS.model or str(default_model_path())
 
 
+def _engine_options() -> dict:
+    return {field.name: getattr(FLAGS, field.name) for field in dataclasses.fields(EngineConfig)}
+
+
+def _mesh():
+    if not FLAGS.mesh:
+        return None
+    from jinfer.sharding import make_mesh, parse_mesh_flag
+
+    return make_mesh(parse_mesh_flag(FLAGS.mesh))
+
+
+def _sampling_params():
+    from jinfer.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        min_p=FLAGS.min_p,
+        repetition_penalty=FLAGS.repetition_penalty,
+        seed=FLAGS.seed,
+        max_tokens=FLAGS.max_tokens,
+        stop=tuple(FLAGS.stop),
+        ignore_eos=FLAGS.ignore_eos,
+    )
+
+
+def _llm():
+    from jinfer.api import LLM
+
+    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), **_engine_options())
+
+
 def _prompts() -> list[str]:
     if FLAGS.prompt is not None:
         return [FLAGS.prompt]
-    if FLAGS.prompt_file is not None:
-        with open(FLAGS.prompt_file, encoding="utf-8") as file:
-            return [line.rstrip("\n") for line in file if line.strip()]
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    source = open(FLAGS.prompt_file, encoding="utf-8") if FLAGS.prompt_file else sys.stdin
+    with source:
+        return [line.rstrip("\n") for line in source if line.strip()]
 
 
 def generate() -> None:
-    import jinfer
-
-    model = jinfer.load(_model_path(), dtype=FLAGS.dtype)
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise app.UsageError(f"model {_model_path()!r} has no tokenizer: text generation needs one")
-    for prompt in _prompts():
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if FLAGS.chat and tokenizer.chat_template else prompt
-        ids = tokenizer.encode(text, add_special_tokens=not FLAGS.chat)
+    """One prompt streams its tokens; several are batched and printed in order."""
+    params = _sampling_params()
+    prompts = _prompts()
+    llm = _llm()
+    wrap = FLAGS.chat_template and llm.tokenizer is not None and llm.tokenizer.chat_template
+    if len(prompts) == 1:
         start = time.perf_counter()
-        output = model.greedy_continuation(ids, FLAGS.max_tokens, tokenizer.eos_token_ids)
-        logging.info("%d tokens in %.2f s", len(output), time.perf_counter() - start)
-        print(tokenizer.decode(output), flush=True)
+        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}]), add_special_tokens=False) if wrap else prompts[0]
+        count = 0
+        for chunk in llm.stream(prompt, params):
+            print(chunk.text, end="", flush=True)
+            count += 1
+        print()
+        logging.info("%d tokens in %.2f s", count, time.perf_counter() - start)
+        return
+    outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params) if wrap else llm.generate(prompts, params)
+    for output in outputs:
+        print(output.outputs[0].text)
+
+
+def chat() -> None:
+    """An interactive conversation, streamed token by token."""
+    llm = _llm()
+    params = _sampling_params()
+    messages = []
+    print("chat with the model; an empty line ends the conversation", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        reply = ""
+        for chunk in llm.stream(prompt, params):
+            print(chunk.text, end="", flush=True)
+            reply += chunk.text
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def bench() -> None:
+    from jinfer import bench as bench_lib
+
+    bench_lib.main_from_flags(_model_path())
 
 
 def convert() -> None:
@@ -64,12 +144,21 @@ def convert() -> None:
         print(format_report(*parity_report(source, load(FLAGS.output, dtype=FLAGS.dtype))))
 
 
+def _enable_compilation_cache() -> None:
+    if FLAGS.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: jinfer {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments {argv[2:]}")
-    {"generate": generate, "convert": convert}[argv[1]]()
+    _enable_compilation_cache()
+    {"generate": generate, "chat": chat, "bench": bench, "convert": convert}[argv[1]]()
 
 
 def run() -> None:

@@ -197,8 +197,9 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def _powers_of_two_up_to(limit: int) -> tuple[int, ...]:
-    sizes, size = [], 1
+def _powers_of_two_up_to(limit: int, smallest: int) -> tuple[int, ...]:
+    """smallest, 2*smallest, ... below `limit`, then `limit` itself."""
+    sizes, size = [], smallest
     while size < limit:
         sizes.append(size)
         size *= 2
@@ -207,7 +208,11 @@ def _powers_of_two_up_to(limit: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Serving limits and the padded shapes ("buckets") the step is compiled for."""
+    """Serving limits and the padded shapes ("buckets") the step is compiled for.
+
+    Buckets are powers of two with a floor (8 tokens, 4 rows, 4 pages): on a bandwidth-bound
+    decode a few padded rows cost little, and every extra bucket costs a compile.
+    """
 
     max_num_seqs: int = 32
     max_model_len: int = 2048
@@ -231,12 +236,12 @@ class EngineConfig:
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two_up_to(self.max_num_batched_tokens)
+        return _powers_of_two_up_to(self.max_num_batched_tokens, 8)
 
     @property
     def seq_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two_up_to(self.max_num_seqs)
+        return _powers_of_two_up_to(self.max_num_seqs, 4)
 
     @property
     def page_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two_up_to(self.max_pages_per_seq)
+        return _powers_of_two_up_to(self.max_pages_per_seq, 4)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jinfer.cache import allocate_cache, parse_bytes, plan_memory
+from jinfer.cache import allocate_cache, fill_pages, parse_bytes, plan_memory
 from jinfer.config import EngineConfig
 from jinfer.engine.batch import build_batch
 from jinfer.engine.page_allocator import PageAllocator
@@ -34,7 +34,10 @@ class TokenEvent:
 
 
 class Engine:
-    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), *, cache_fill: float = 0.0, seed: int = 0):
+    def __init__(
+        self, model: Model, config: EngineConfig = EngineConfig(), *, cache_fill: float = 0.0, poison_freed_pages: bool = False, seed: int = 0
+    ):
+        """`cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible."""
         self.model = model
         self.config = config
         self.plan = plan_memory(model.config, model.params, config.page_size, parse_bytes(config.kv_cache_memory), model.dtype)
@@ -47,6 +50,8 @@ class Engine:
         self._arrivals = itertools.count()
         self._seeds = np.random.default_rng(seed)
         self._bucket_shapes: set[tuple[int, ...]] = set()
+        self._poison_value = cache_fill if poison_freed_pages else None
+        self.last_output = None  # the last step's StepOutput (device arrays), for tests and debugging
 
     @property
     def bucket_shapes_used(self) -> set[tuple[int, ...]]:
@@ -98,13 +103,21 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         """Schedules, runs one jitted step, and applies the sampled tokens."""
         schedule = self.scheduler.schedule()
+        self._poison_freed_pages()
         if not schedule.rows:
             return []
         batch = build_batch(schedule, self.config)
         self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
-        self.kv_cache, output = step_fn(self.model.params, self.kv_cache, jax.tree.map(jnp.asarray, batch), config=self.model.config, dtype=self.model.dtype)
-        sampled = jax.device_get(output.sampled)
-        return self._apply(schedule, sampled)
+        self.kv_cache, self.last_output = step_fn(
+            self.model.params, self.kv_cache, jax.tree.map(jnp.asarray, batch), config=self.model.config, dtype=self.model.dtype
+        )
+        return self._apply(schedule, jax.device_get(self.last_output.sampled))
+
+    def _poison_freed_pages(self) -> None:
+        """Fills pages freed since the last step before anything is written to them again."""
+        freed, self.scheduler.freed_pages = self.scheduler.freed_pages, []
+        if self._poison_value is not None and freed:
+            self.kv_cache = fill_pages(self.kv_cache, jnp.asarray(freed, jnp.int32), self._poison_value)
 
     def _apply(self, schedule: Schedule, sampled) -> list[TokenEvent]:
         now = time.perf_counter()

@@ -45,6 +45,7 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.freed_pages: list[int] = []  # pages whose last reference went away; the engine may poison them
 
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.page_size)
@@ -61,14 +62,17 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.allocator.free(request.pages)
-        request.pages = []
+        self._release(request)
         request.finish(reason)
+
+    def _release(self, request: Request) -> None:
+        self.allocator.free(request.pages)
+        self.freed_pages += [page for page in request.pages if self.allocator.refcount(page) == 0]
+        request.pages = []
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.allocator.free(request.pages)
-        request.pages = []
+        self._release(request)
         request.num_computed = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
