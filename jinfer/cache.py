@@ -20,14 +20,20 @@ NULL_PAGE = 0
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_bytes(text: str | int) -> int:
-    """'512MiB' / '2GB' / 1048576 -> bytes."""
+def kv_budget_bytes(text: str | int, device: jax.Device) -> int:
+    """'512MiB' / '2GB' / 1048576 -> bytes; '0.8' -> that fraction of the device's free memory."""
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 512MiB or 2GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+        raise ValueError(f"cannot read a memory size from kv_cache_memory={text!r}; write e.g. 512MiB, 2GB or a fraction like 0.8")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit or value > 1:
+        return int(value * _UNITS[unit.upper()])
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"kv_cache_memory={text!r} is a fraction of free memory, but {device.platform} reports none; give a size like 512MiB")
+    return int(value * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
 
 
 def format_bytes(count: int) -> str:

@@ -21,9 +21,23 @@ SMALL = EngineConfig(max_num_seqs=16, max_model_len=96, max_num_batched_tokens=6
 
 @pytest.fixture(scope="module", params=["llama", "gemma2"])
 def tiny(request, tmp_path_factory):
+    """Architectures whose attention differs (gemma2: windows, soft-caps), for the exactness tests."""
     directory = tmp_path_factory.mktemp(request.param)
     save_tiny_model(request.param, directory)
     return jinfer.load(directory)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """One architecture for the tests of scheduling and bookkeeping."""
+    directory = tmp_path_factory.mktemp("llama")
+    save_tiny_model("llama", directory)
+    return jinfer.load(directory)
+
+
+def _engine(model, config, **options):
+    """Engines in these tests skip the up-front compile that measures step temporaries."""
+    return Engine(model, config, measure_step_memory=False, **options)
 
 
 def _prompts(count, seed=0, low=2, high=40):
@@ -41,14 +55,14 @@ def _run(engine, prompts, params):
 
 def test_greedy_matches_the_full_sequence_forward(tiny):
     prompts = _prompts(3, seed=1)
-    outputs = _run(Engine(tiny, SMALL, cache_fill=NAN), prompts, GREEDY)
+    outputs = _run(_engine(tiny, SMALL, cache_fill=NAN), prompts, GREEDY)
     assert outputs == [tiny.greedy_continuation(p, GREEDY.max_tokens) for p in prompts]
 
 
-def test_batch_invariance(tiny):
+def test_batch_invariance(llama):
     prompts = _prompts(16, seed=2)
-    batched = _run(Engine(tiny, SMALL, cache_fill=NAN), prompts, GREEDY)
-    alone = [_run(Engine(tiny, SMALL, cache_fill=NAN), [p], GREEDY)[0] for p in prompts[:2]]
+    batched = _run(_engine(llama, SMALL, cache_fill=NAN), prompts, GREEDY)
+    alone = [_run(_engine(llama, SMALL, cache_fill=NAN), [p], GREEDY)[0] for p in prompts[:2]]
     assert batched[:2] == alone
 
 
@@ -56,7 +70,7 @@ def test_batch_invariance(tiny):
 @pytest.mark.parametrize("page_size", [8, 16])
 def test_step_logits_equal_full_forward(tiny, chunk, page_size):
     config = EngineConfig(max_num_seqs=1, max_model_len=128, max_num_batched_tokens=chunk, page_size=page_size, kv_cache_memory="2MiB")
-    engine = Engine(tiny, config, cache_fill=NAN)
+    engine = _engine(tiny, config, cache_fill=NAN)
     prompt = _prompts(1, seed=3, low=40, high=41)[0]
     request = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=6))
     step_logits = {}
@@ -70,12 +84,12 @@ def test_step_logits_equal_full_forward(tiny, chunk, page_size):
     assert_close(np.stack([step_logits[p] for p in positions]), full[positions])
 
 
-def test_preempted_requests_recompute_the_same_tokens(tiny):
+def test_preempted_requests_recompute_the_same_tokens(llama):
     prompts = _prompts(6, seed=4, low=20, high=30)
     params = SamplingParams(temperature=0.0, max_tokens=24)
-    roomy = _run(Engine(tiny, SMALL), prompts, params)
+    roomy = _run(_engine(llama, SMALL), prompts, params)
     cramped_config = EngineConfig(max_num_seqs=6, max_model_len=96, max_num_batched_tokens=64, page_size=8, kv_cache_memory="80KiB")
-    cramped = Engine(tiny, cramped_config, cache_fill=NAN, poison_freed_pages=True)
+    cramped = _engine(llama, cramped_config, cache_fill=NAN, poison_freed_pages=True)
     requests = [cramped.add_request(p, params) for p in prompts]
     while cramped.has_unfinished():
         cramped.step()
@@ -84,8 +98,8 @@ def test_preempted_requests_recompute_the_same_tokens(tiny):
     assert cramped.allocator.num_free == cramped.plan.num_pages - 1
 
 
-def test_freed_pages_poisoned_with_nan_never_reach_outputs(tiny):
-    engine = Engine(tiny, SMALL, cache_fill=NAN, poison_freed_pages=True)
+def test_freed_pages_poisoned_with_nan_never_reach_outputs(llama):
+    engine = _engine(llama, SMALL, cache_fill=NAN, poison_freed_pages=True)
     first_wave = _prompts(8, seed=5)
     second_wave = _prompts(8, seed=6)
     _run(engine, first_wave, GREEDY)
@@ -93,23 +107,23 @@ def test_freed_pages_poisoned_with_nan_never_reach_outputs(tiny):
     while engine.has_unfinished():
         engine.step()
         assert np.all(np.isfinite(np.asarray(engine.last_output.logits)[: len(engine.scheduler.running)]))
-    assert [r.output_ids for r in requests] == [tiny.greedy_continuation(p, 10) for p in second_wave]
+    assert [r.output_ids for r in requests] == [llama.greedy_continuation(p, 10) for p in second_wave]
     assert all(np.isfinite(r.logprobs).all() for r in requests)
 
 
-def test_seeded_sampling_reproduces_whatever_shares_the_batch(tiny):
+def test_seeded_sampling_reproduces_whatever_shares_the_batch(llama):
     prompt = _prompts(1, seed=7)[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
-    alone = _run(Engine(tiny, SMALL), [prompt], params)[0]
+    alone = _run(_engine(llama, SMALL), [prompt], params)[0]
     crowd = _prompts(5, seed=8)
-    mixed = _run(Engine(tiny, SMALL), crowd[:2] + [prompt] + crowd[2:], [SamplingParams(temperature=0.7, max_tokens=12)] * 2 + [params] + [GREEDY] * 3)
+    mixed = _run(_engine(llama, SMALL), crowd[:2] + [prompt] + crowd[2:], [SamplingParams(temperature=0.7, max_tokens=12)] * 2 + [params] + [GREEDY] * 3)
     assert mixed[2] == alone
-    other_seed = _run(Engine(tiny, SMALL), [prompt], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12))[0]
+    other_seed = _run(_engine(llama, SMALL), [prompt], SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=12))[0]
     assert other_seed != alone
 
 
-def test_abort_returns_pages(tiny):
-    engine = Engine(tiny, SMALL)
+def test_abort_returns_pages(llama):
+    engine = _engine(llama, SMALL)
     request = engine.add_request(_prompts(1, seed=9, low=30, high=31)[0], GREEDY)
     engine.step()
     assert engine.allocator.num_free < engine.plan.num_pages - 1
@@ -126,8 +140,8 @@ def test_abort_returns_pages(tiny):
         ([1, VOCAB + 5], GREEDY, str(VOCAB + 5)),
     ],
 )
-def test_bad_requests_are_named_and_others_finish(tiny, prompt, params, message):
-    engine = Engine(tiny, SMALL, cache_fill=NAN)
+def test_bad_requests_are_named_and_others_finish(llama, prompt, params, message):
+    engine = _engine(llama, SMALL, cache_fill=NAN)
     good = _prompts(3, seed=10)
     requests = [engine.add_request(p, GREEDY) for p in good]
     engine.step()
@@ -135,7 +149,7 @@ def test_bad_requests_are_named_and_others_finish(tiny, prompt, params, message)
         engine.add_request(prompt, params)
     while engine.has_unfinished():
         engine.step()
-    assert [r.output_ids for r in requests] == [tiny.greedy_continuation(p, GREEDY.max_tokens) for p in good]
+    assert [r.output_ids for r in requests] == [llama.greedy_continuation(p, GREEDY.max_tokens) for p in good]
 
 
 @pytest.mark.parametrize(
@@ -147,8 +161,8 @@ def test_invalid_sampling_values_are_named(field, value):
         SamplingParams(**{field: value})
 
 
-def test_out_of_pages_request_is_named(tiny):
-    engine = Engine(tiny, EngineConfig(max_num_seqs=2, max_model_len=96, max_num_batched_tokens=64, page_size=8, kv_cache_memory="12KiB"))
+def test_out_of_pages_request_is_named(llama):
+    engine = _engine(llama, EngineConfig(max_num_seqs=2, max_model_len=96, max_num_batched_tokens=64, page_size=8, kv_cache_memory="24KiB"))
     with pytest.raises(ValueError, match="pages"):
         engine.add_request([1] * 60, SamplingParams(max_tokens=30))
 
@@ -158,7 +172,7 @@ def test_mixed_workload_compiles_once_per_bucket():
     config = config.replace(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, layer_windows=(0,))
     model = Model(config, init_params(config, seed=3), None, np.dtype(np.float32))
     engine_config = EngineConfig(max_num_seqs=8, max_model_len=64, max_num_batched_tokens=32, page_size=8, kv_cache_memory="1MiB")
-    engine = Engine(model, engine_config)
+    engine = _engine(model, engine_config)
     rng = np.random.default_rng(11)
     compiled_before = step_fn._cache_size()
     for i in range(200):
@@ -172,3 +186,11 @@ def test_mixed_workload_compiles_once_per_bucket():
     all_buckets = len(engine_config.token_buckets) * len(engine_config.seq_buckets) * len(engine_config.page_buckets)
     compiled = step_fn._cache_size() - compiled_before
     assert compiled == len(engine.bucket_shapes_used) <= all_buckets
+
+
+def test_memory_plan_reports_pages_and_step_temporaries(llama):
+    engine = Engine(llama, SMALL)
+    per_page = llama.config.num_layers * 2 * SMALL.page_size * llama.config.num_kv_heads * llama.config.head_dim * 4
+    assert engine.plan.num_pages == 2 * 2**20 // per_page
+    assert engine.plan.step_temp_bytes > 0
+    assert "step temporaries" in engine.plan.table() and str(engine.plan.num_pages) in engine.plan.table()

@@ -64,3 +64,20 @@ def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
         pad_to=num_rows,
     )
     return StepBatch(tokens, positions, token_rows, slots, page_table, logits_index, history, prompt_lens, history_lens, sampling)
+
+
+def padding_batch(config: EngineConfig, num_tokens: int, num_rows: int, pages_per_row: int) -> StepBatch:
+    """An all-padding batch of the given bucket: every token writes to and reads the null page."""
+    rows = np.zeros(num_rows, np.int32)
+    return StepBatch(
+        tokens=np.zeros(num_tokens, np.int32),
+        positions=np.zeros(num_tokens, np.int32),
+        token_rows=np.zeros(num_tokens, np.int32),
+        slots=np.full(num_tokens, NULL_PAGE * config.page_size, np.int32),
+        page_table=np.full((num_rows, pages_per_row), NULL_PAGE, np.int32),
+        logits_index=rows,
+        history=np.zeros((num_rows, 0), np.int32),
+        prompt_lens=rows,
+        history_lens=rows,
+        sampling=SamplingBatch.from_params([], [], pad_to=num_rows),
+    )

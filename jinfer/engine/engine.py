@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jinfer.cache import allocate_cache, fill_pages, parse_bytes, plan_memory
+from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, plan_memory
 from jinfer.config import EngineConfig
-from jinfer.engine.batch import build_batch
+from jinfer.engine.batch import build_batch, padding_batch
 from jinfer.engine.page_allocator import PageAllocator
 from jinfer.engine.request import Request
 from jinfer.engine.scheduler import Schedule, Scheduler
@@ -35,12 +35,23 @@ class TokenEvent:
 
 class Engine:
     def __init__(
-        self, model: Model, config: EngineConfig = EngineConfig(), *, cache_fill: float = 0.0, poison_freed_pages: bool = False, seed: int = 0
+        self,
+        model: Model,
+        config: EngineConfig = EngineConfig(),
+        *,
+        measure_step_memory: bool = True,
+        cache_fill: float = 0.0,
+        poison_freed_pages: bool = False,
+        seed: int = 0,
     ):
-        """`cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible."""
+        """`measure_step_memory` compiles the largest bucket up front to report its temporaries;
+        `cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible."""
         self.model = model
         self.config = config
-        self.plan = plan_memory(model.config, model.params, config.page_size, parse_bytes(config.kv_cache_memory), model.dtype)
+        budget = kv_budget_bytes(config.kv_cache_memory, jax.devices()[0])
+        self.plan = plan_memory(model.config, model.params, config.page_size, budget, model.dtype)
+        if measure_step_memory:
+            self.plan = dataclasses.replace(self.plan, step_temp_bytes=self._largest_step_temp_bytes())
         logging.info("%s", self.plan.table())
         self.kv_cache = allocate_cache(model.config, self.plan.num_pages, config.page_size, model.dtype, fill=cache_fill)
         self.allocator = PageAllocator(self.plan.num_pages)
@@ -52,6 +63,14 @@ class Engine:
         self._bucket_shapes: set[tuple[int, ...]] = set()
         self._poison_value = cache_fill if poison_freed_pages else None
         self.last_output = None  # the last step's StepOutput (device arrays), for tests and debugging
+
+    def _largest_step_temp_bytes(self) -> int | None:
+        """Temporaries of the step at its largest bucket, from XLA's memory analysis (None if unavailable)."""
+        largest = padding_batch(self.config, self.config.token_buckets[-1], self.config.seq_buckets[-1], self.config.page_buckets[-1])
+        cache = abstract_cache(self.model.config, self.plan.num_pages, self.config.page_size, self.model.dtype)
+        lowered = step_fn.lower(self.model.params, cache, largest, config=self.model.config, dtype=self.model.dtype)
+        analysis = lowered.compile().memory_analysis()
+        return None if analysis is None else int(analysis.temp_size_in_bytes)
 
     @property
     def bucket_shapes_used(self) -> set[tuple[int, ...]]:
