@@ -210,8 +210,10 @@ def _powers_of_two_up_to(limit: int, smallest: int) -> tuple[int, ...]:
 class EngineConfig:
     """Serving limits and the padded shapes ("buckets") the step is compiled for.
 
-    Buckets are powers of two with a floor (8 tokens, 4 rows, 4 pages): on a bandwidth-bound
-    decode a few padded rows cost little, and every extra bucket costs a compile.
+    Buckets are powers of two. Tokens and rows start at 1: XLA:CPU multiplies a single row by
+    a weight matrix (matrix-vector) several times faster than it multiplies two to eight rows,
+    so a batch-1 decode must not be padded. Pages per row start at 4 (short contexts share one
+    compile; the gather they cost is small).
     """
 
     max_num_seqs: int = 32
@@ -236,11 +238,11 @@ class EngineConfig:
 
     @property
     def token_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two_up_to(self.max_num_batched_tokens, 8)
+        return _powers_of_two_up_to(self.max_num_batched_tokens, 1)
 
     @property
     def seq_buckets(self) -> tuple[int, ...]:
-        return _powers_of_two_up_to(self.max_num_seqs, 4)
+        return _powers_of_two_up_to(self.max_num_seqs, 1)
 
     @property
     def page_buckets(self) -> tuple[int, ...]:

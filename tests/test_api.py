@@ -113,3 +113,16 @@ def test_cli_generate_prints_the_greedy_answer(llm):
     (expected,) = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     assert result.stdout.strip() == expected.outputs[0].text.strip()
     assert "memory plan" in result.stderr
+
+
+def test_cli_chat_streams_replies_until_an_empty_line(llm):
+    result = subprocess.run(
+        [sys.executable, "-m", "jinfer.cli", "chat", "--max_tokens=12", "--compilation_cache="],
+        input="What is the capital of France?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (expected,) = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    assert expected.outputs[0].text.strip() in result.stdout

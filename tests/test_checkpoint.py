@@ -46,7 +46,7 @@ def test_orbax_restores_straight_into_a_mesh(tiny_dir, tmp_path):
     restored = jinfer.load(tmp_path / "ckpt", mesh=make_mesh({"data": 2, "model": 4}))
     up = restored.params["layer_1"]["mlp"]["up_proj"]["kernel"]
     assert len(up.sharding.device_set) == 8
-    assert up.addressable_shards[0].data.shape == (64, 96 // 4)
+    assert up.addressable_shards[0].data.shape == (96 // 4, 64)
     assert_close(restored.logits(TOKENS), model.logits(TOKENS), atol=1e-5)
 
 

@@ -44,7 +44,7 @@ def test_sharded_forward_equals_single_device(tmp_path, mesh_shape):
     sharded = jinfer.load(tmp_path, mesh=make_mesh(mesh_shape))
     gate = sharded.params["layer_0"]["mlp"]["gate_proj"]["kernel"]
     model_axis = mesh_shape.get("model", 1)
-    assert gate.addressable_shards[0].data.shape == (64, 96 // model_axis)
+    assert gate.addressable_shards[0].data.shape == (96 // model_axis, 64)
     tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 11))
     assert_close(sharded.logits(tokens), single.logits(tokens), atol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Hugging Face tensor names and layouts -> jinfer parameters, one tensor at a time."""
+"""Hugging Face tensor names -> jinfer parameters, one tensor at a time (layouts differ only by reshapes)."""
 
 from __future__ import annotations
 
@@ -47,20 +47,14 @@ def hf_tensor_name(path: tuple[str, ...], config: ModelConfig) -> str:
 
 
 def hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF shape of a jinfer parameter: linear weights are [out, in] with heads flattened."""
+    """The HF shape of a jinfer parameter. Kernels are HF's [out, in] with the head axes split
+    out (q: [heads, head_dim, embed]; o: [embed, heads, head_dim]), so loading is a reshape."""
     if path[-1] == "kernel":
         num_in = 2 if path[-2] == "o_proj" else 1
-        return (int(np.prod(shape[num_in:])), int(np.prod(shape[:num_in])))
+        return (int(np.prod(shape[:-num_in])), int(np.prod(shape[-num_in:])))
     if path[-1] == "bias":
         return (int(np.prod(shape)),)
     return tuple(shape)
-
-
-def to_jinfer_layout(path: tuple[str, ...], hf_array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """[out, in] -> [*in_features, *out_features] for kernels; a reshape for everything else."""
-    if path[-1] == "kernel":
-        return hf_array.T.reshape(shape)
-    return hf_array.reshape(shape)
 
 
 def _key_names(path) -> tuple[str, ...]:
@@ -92,6 +86,6 @@ def load_params(
         expected = hf_shape(path, spec.shape)
         if tuple(hf_array.shape) != expected:
             raise ValueError(f"tensor {name!r} in {source_name!r} has shape {tuple(hf_array.shape)}, expected {expected}")
-        array = to_jinfer_layout(path, hf_array, spec.shape).astype(spec.dtype)
+        array = hf_array.reshape(spec.shape).astype(spec.dtype)
         leaves.append(place(path, array))
     return jax.tree_util.tree_unflatten(treedef, leaves)

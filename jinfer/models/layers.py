@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +19,11 @@ INIT_STDDEV = 0.02
 class Linear(nn.Module):
     """y = x · kernel (+ bias), contracting the trailing `len(in_features)` axes of x.
 
-    The kernel is `[*in_features, *out_features]` with one logical axis name per dimension.
+    `axes` names the logical axes of (*in_features, *out_features). The kernel is stored
+    `[*out_features, *in_features]`, the layout of HF checkpoints, and multiplied as a 2-D
+    `[fan_out, fan_in]` matrix: XLA:CPU runs matrix-vector products (decode) several times faster
+    with the contraction on the weight's minor axis, and ten times faster for 2-D than for
+    multi-axis dots, which it does not hand to its matmul library.
     """
 
     in_features: tuple[int, ...]
@@ -29,22 +34,21 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # x: [*lead, *in_features] -> [*lead, *out_features]
+        n_in, n_out = len(self.in_features), len(self.out_features)
+        in_axes, out_axes = self.axes[:n_in], self.axes[n_in:]
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), self.axes),
-            self.in_features + self.out_features,
+            nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), out_axes + in_axes),
+            self.out_features + self.in_features,
             self.dtype,
         )
-        n_in = len(self.in_features)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32).astype(self.dtype)
+        lead = x.shape[: x.ndim - n_in]
+        fan_in, fan_out = math.prod(self.in_features), math.prod(self.out_features)
+        flat_x, flat_kernel = x.reshape(-1, fan_in), kernel.reshape(fan_out, fan_in)
+        y = jnp.einsum("ti,oi->to", flat_x, flat_kernel, preferred_element_type=jnp.float32)
+        y = y.reshape(*lead, *self.out_features).astype(self.dtype)
         if self.use_bias:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[n_in:]),
-                self.out_features,
-                self.dtype,
-            )
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes), self.out_features, self.dtype)
             y = y + bias
         return y
 

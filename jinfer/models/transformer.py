@@ -112,7 +112,8 @@ class Transformer(nn.Module):
             x = x.reshape(-1, cfg.hidden_size)[logits_index]  # [R, embed]
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype=self.dtype, name="final_norm")(x)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("...e,ve->...v", x, embedding, preferred_element_type=jnp.float32)
+            flat = jnp.einsum("te,ve->tv", x.reshape(-1, cfg.hidden_size), embedding, preferred_element_type=jnp.float32)
+            logits = flat.reshape(*x.shape[:-1], cfg.vocab_size)
         else:
             logits = Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), dtype=self.dtype, name="lm_head")(x)
         logits = logits.astype(self.dtype).astype(jnp.float32)

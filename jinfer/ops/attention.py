@@ -57,10 +57,13 @@ class FullSequenceAttention:
 
 
 def write_kv(pages, new, slots):
-    """pages: [num_pages, page_size, K, D]; new: [T, K, D]; slots: [T] flat slot ids -> updated pages."""
-    num_pages, page_size, kv_heads, head_dim = pages.shape
-    flat = pages.reshape(num_pages * page_size, kv_heads, head_dim)
-    return flat.at[slots].set(new.astype(pages.dtype)).reshape(pages.shape)
+    """pages: [num_pages, page_size, K, D]; new: [T, K, D]; slots: [T] flat slot ids -> updated pages.
+
+    Indexed as (page, offset), never through a flattened view of the pool: XLA updates the
+    donated pool in place that way, while a reshaped scatter copies the whole pool every step.
+    """
+    page_size = pages.shape[1]
+    return pages.at[slots // page_size, slots % page_size].set(new.astype(pages.dtype))
 
 
 def paged_attention_reference(q, k_pages, v_pages, positions, token_rows, page_table, layer: LayerAttention):
