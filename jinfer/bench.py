@@ -82,19 +82,14 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     workload = build_workload(options, model)
     engine = Engine(model, engine_config(options, workload), seed=options.seed)
     results: dict = {"config": _config(options, model_path, engine, workload, load_s)}
-    results["first_step"] = {"compile_s": _first_step(engine)}
-    reference_reason = _reference_unavailable(model_path) if options.baseline else "--nobaseline"
-    tasks = _engine_tasks(options, engine, workload, results)
-    if reference_reason is None:
-        tasks += _reference_tasks(options, model_path, workload, results)
-    else:
-        results["config"]["baseline"] = f"not run: {reference_reason}"
-        logging.info("transformers baseline not run: %s", reference_reason)
+    first_step_s = _first_step(engine)
+    reference = _reference(options, model_path, workload, results["config"])
+    tasks = _tasks(options, engine, reference, workload, results)
     with tqdm(tasks, desc="benchmark", unit="task", disable=not options.progress) as bar:
         for name, task in bar:
             bar.set_postfix_str(name)
             task()
-    results["compile_s"] = sum(results[key]["compile_s"] for key in ["first_step", *_measurement_keys(results), "offline"])
+    results["compile_s"] = first_step_s + sum(results[key]["compile_s"] for key in [*_measurement_keys(results), "offline"])
     results["config"]["compiled_shapes"] = len(engine.bucket_shapes_used)
     return results
 
@@ -195,31 +190,51 @@ def _first_step(engine: Engine) -> float:
 Pass = Callable[[], tuple[dict, float]]  # one timed pass -> (metrics with "tokens_per_s", wall seconds of the pass)
 
 
-def _engine_tasks(options: BenchmarkOptions, engine: Engine, workload: Workload, results: dict) -> list[tuple[str, Callable[[], None]]]:
-    def measure(key: str, one_pass: Pass, repeats: int) -> Callable[[], None]:
+def _tasks(options: BenchmarkOptions, engine: Engine, reference: TransformersReference | None, workload: Workload, results: dict) -> list[tuple[str, Callable[[], None]]]:
+    """(name, task) pairs; each prefill/decode task measures jinfer and transformers side by side."""
+
+    def measure(key: str, ours: Pass, theirs: Callable[[], dict] | None) -> Callable[[], None]:
         def task() -> None:
-            results[key] = _warm_then_median(one_pass, repeats)
+            results[key], baseline = _side_by_side(ours, theirs, options.repeats)
             logging.info("jinfer %s: %s", key, results[key])
+            if baseline is not None:
+                results.setdefault("baseline", {})[key] = baseline
+                logging.info("transformers %s: %s", key, baseline)
 
         return task
 
-    prefill = functools.partial(_prefill_pass, engine, workload.prefill_prompt)
-    tasks = [(f"prefill {options.prefill_tokens}", measure(f"prefill_{options.prefill_tokens}", prefill, options.repeats))]
+    def offline() -> None:
+        results["offline"], _ = _side_by_side(functools.partial(_offline_pass, engine, workload), None, 1)
+        logging.info("jinfer offline: %s", results["offline"])
+
+    key = f"prefill_{options.prefill_tokens}"
+    theirs = None if reference is None else functools.partial(reference.prefill, workload.prefill_prompt)
+    tasks = [(key, measure(key, functools.partial(_prefill_pass, engine, workload.prefill_prompt), theirs))]
     for batch in options.batch_sizes:
-        one_pass = functools.partial(_decode_pass, engine, workload.decode_prompt, batch, options.decode_steps)
-        tasks.append((f"decode b{batch}", measure(f"decode_b{batch}", one_pass, options.repeats)))
-    tasks.append(("offline", measure("offline", functools.partial(_offline_pass, engine, workload), 1)))
-    return tasks
+        key = f"decode_b{batch}"
+        ours = functools.partial(_decode_pass, engine, workload.decode_prompt, batch, options.decode_steps)
+        theirs = None if reference is None else functools.partial(reference.decode, workload.decode_prompt, batch, options.decode_steps)
+        tasks.append((key, measure(key, ours, theirs)))
+    return tasks + [("offline", offline)]
 
 
-def _warm_then_median(one_pass: Pass, repeats: int) -> dict:
-    """One warm-up pass (compiles), then the pass with the median tokens/s of `repeats`; compile_s = warm-up excess."""
-    _, first_wall = one_pass()
-    runs = [one_pass() for _ in range(repeats)]
-    runs.sort(key=lambda run: run[0]["tokens_per_s"])
-    metrics, _ = runs[(len(runs) - 1) // 2]
-    warm_wall = statistics.median(wall for _, wall in runs)
-    return {**metrics, "runs_tokens_per_s": [run[0]["tokens_per_s"] for run in runs], "compile_s": max(first_wall - warm_wall, 0.0)}
+def _side_by_side(ours: Pass, theirs: Callable[[], dict] | None, repeats: int) -> tuple[dict, dict | None]:
+    """One warm-up pass of ours (it compiles), then `repeats` rounds of ours and theirs in turn, so that both
+    see the same machine load. Each side reports its median run; ours adds compile_s, the warm-up's excess."""
+    _, first_wall = ours()
+    our_runs, their_runs = [], []
+    for _ in range(repeats):
+        our_runs.append(ours())
+        if theirs is not None:
+            their_runs.append(theirs())
+    compile_s = max(first_wall - statistics.median(wall for _, wall in our_runs), 0.0)
+    return {**_median_run([m for m, _ in our_runs]), "compile_s": compile_s}, (_median_run(their_runs) if their_runs else None)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the lower middle one for an even count), with every run's rate."""
+    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs_tokens_per_s": [run["tokens_per_s"] for run in runs]}
 
 
 def _greedy(max_tokens: int) -> SamplingParams:
@@ -297,6 +312,20 @@ def _measurement_keys(results: dict) -> list[str]:
 # transformers baseline ----------------------------------------------------------------------------------------
 
 
+def _reference(options: BenchmarkOptions, model_path: str, workload: Workload, config: dict) -> TransformersReference | None:
+    """The warmed-up transformers model, or None (the reason goes to `config["baseline"]`)."""
+    reason = _reference_unavailable(model_path) if options.baseline else "--nobaseline"
+    if reason is not None:
+        config["baseline"] = f"not run: {reason}"
+        logging.info("transformers baseline not run: %s", reason)
+        return None
+    reference = TransformersReference(model_path, options.dtype)
+    config["baseline"] = reference.description
+    reference.prefill(workload.prefill_prompt)
+    reference.decode(workload.decode_prompt, 1, 2)
+    return reference
+
+
 def _reference_unavailable(model_path: str) -> str | None:
     """Why transformers cannot run this model, or None if it can."""
     try:
@@ -312,80 +341,53 @@ def _reference_unavailable(model_path: str) -> str | None:
     return f"{model_path!r} is neither a GGUF file nor a Hugging Face safetensors directory"
 
 
-def _reference_tasks(options: BenchmarkOptions, model_path: str, workload: Workload, results: dict) -> list[tuple[str, Callable[[], None]]]:
-    loaded = {}
-    baseline = results.setdefault("baseline", {})
+class TransformersReference:
+    """The same weights in transformers (a GGUF file or a safetensors directory), torch on this process's cores."""
 
-    def load_task() -> None:
-        loaded["model"], results["config"]["baseline"] = _load_reference(model_path, options.dtype)
+    def __init__(self, model_path: str, dtype: str):
+        import torch
+        import transformers
 
-    def warm_up() -> None:
-        _reference_prefill(loaded["model"], workload.prefill_prompt)
-        _reference_decode(loaded["model"], workload.decode_prompt, 1, 2)
-
-    def measure(key: str, one_pass: Callable[..., dict]) -> Callable[[], None]:
-        def task() -> None:
-            runs = sorted((one_pass(loaded["model"]) for _ in range(options.repeats)), key=lambda m: m["tokens_per_s"])
-            baseline[key] = {**runs[(len(runs) - 1) // 2], "runs_tokens_per_s": [m["tokens_per_s"] for m in runs]}
-            logging.info("transformers %s: %s", key, baseline[key])
-
-        return task
-
-    prefill = functools.partial(_reference_prefill, prompt=workload.prefill_prompt)
-    tasks = [
-        ("transformers load", load_task),
-        ("transformers warm-up", warm_up),
-        (f"transformers prefill {options.prefill_tokens}", measure(f"prefill_{options.prefill_tokens}", prefill)),
-    ]
-    for batch in options.batch_sizes:
-        one_pass = functools.partial(_reference_decode, prompt=workload.decode_prompt, batch=batch, steps=options.decode_steps)
-        tasks.append((f"transformers decode b{batch}", measure(f"decode_b{batch}", one_pass)))
-    return tasks
-
-
-def _load_reference(model_path: str, dtype: str):
-    """The transformers model for a GGUF file or a safetensors directory, with torch on this process's cores."""
-    import torch
-    import transformers
-
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    path = pathlib.Path(model_path)
-    start = time.perf_counter()
-    if path.is_file():
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    load_s = time.perf_counter() - start
-    description = {"library": f"transformers {transformers.__version__}, torch {torch.__version__}", "dtype": dtype, "torch_threads": threads, "load_s": load_s}
-    return model.eval(), description
-
-
-def _reference_prefill(model, prompt: list[int]) -> dict:
-    import torch
-
-    tokens = torch.tensor([prompt])
-    with torch.inference_mode():
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        threads = len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        path = pathlib.Path(model_path)
         start = time.perf_counter()
-        model(tokens, use_cache=True, logits_to_keep=1)
-        elapsed = time.perf_counter() - start
-    return {"tokens_per_s": len(prompt) / elapsed, "ms": elapsed * 1e3, "tokens": len(prompt)}
+        if path.is_file():
+            model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        self.model = model.eval()
+        self.description = {
+            "library": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            "dtype": dtype,
+            "torch_threads": threads,
+            "load_s": time.perf_counter() - start,
+        }
 
+    def prefill(self, prompt: list[int]) -> dict:
+        """One forward over the prompt (logits of the last position only, as the engine computes)."""
+        import torch
 
-def _reference_decode(model, prompt: list[int], batch: int, steps: int) -> dict:
-    """Prefill with the KV cache, then `steps` greedy single-token forwards, timed."""
-    import torch
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+            elapsed = time.perf_counter() - start
+        return {"tokens_per_s": len(prompt) / elapsed, "ms": elapsed * 1e3, "tokens": len(prompt)}
 
-    with torch.inference_mode():
-        output = model(torch.tensor([prompt] * batch), use_cache=True, logits_to_keep=1)
-        token = output.logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(steps):
-            output = model(token, past_key_values=output.past_key_values, use_cache=True)
+    def decode(self, prompt: list[int], batch: int, steps: int) -> dict:
+        """Prefill with the KV cache, then `steps` greedy single-token forwards, timed."""
+        import torch
+
+        with torch.inference_mode():
+            output = self.model(torch.tensor([prompt] * batch), use_cache=True, logits_to_keep=1)
             token = output.logits[:, -1].argmax(-1, keepdim=True)
-        elapsed = time.perf_counter() - start
-    return {"tokens_per_s": batch * steps / elapsed, "ms_per_step": elapsed / steps * 1e3, "batch_size": batch, "steps": steps, "prompt_tokens": len(prompt)}
+            start = time.perf_counter()
+            for _ in range(steps):
+                output = self.model(token, past_key_values=output.past_key_values, use_cache=True)
+                token = output.logits[:, -1].argmax(-1, keepdim=True)
+            elapsed = time.perf_counter() - start
+        return {"tokens_per_s": batch * steps / elapsed, "ms_per_step": elapsed / steps * 1e3, "batch_size": batch, "steps": steps, "prompt_tokens": len(prompt)}
 
 
 # Reporting ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,13 @@ flags.DEFINE_float("repetition_penalty", 1.0, "Penalty for tokens already in the
 flags.DEFINE_integer("seed", None, "Sampling seed.")
 flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 flags.DEFINE_bool("ignore_eos", False, "Keep generating past end-of-sequence tokens.")
+flags.DEFINE_integer("num_prompts", 64, "bench: prompts in the offline-throughput run.")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32", "64"], "bench: decode batch sizes.")
+flags.DEFINE_integer("decode_steps", 127, "bench: timed single-token decode steps after the first token.")
+flags.DEFINE_integer("prefill_tokens", 512, "bench: prompt length of the prefill measurement.")
+flags.DEFINE_integer("repeats", 3, "bench: timed passes per measurement; the median is reported.")
+flags.DEFINE_bool("baseline", True, "bench: also measure transformers on the same weights.")
+flags.DEFINE_string("json", None, "bench: also write the results to this JSON file.")
 flags.DEFINE_string("output", None, "convert: directory for the jinfer checkpoint.")
 flags.DEFINE_bool("parity", True, "convert: finish with a parity report against the source.")
 flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla"), "Persistent XLA compilation cache directory ('' to disable).")
@@ -126,9 +133,25 @@ def chat() -> None:
 
 
 def bench() -> None:
-    from jinfer import bench as bench_lib
+    from jinfer.bench import BenchmarkOptions, format_table, run_benchmark, write_json
 
-    bench_lib.main_from_flags(_model_path())
+    options = BenchmarkOptions(
+        model=FLAGS.model,
+        dtype=FLAGS.dtype,
+        num_prompts=FLAGS.num_prompts,
+        prefill_tokens=FLAGS.prefill_tokens,
+        batch_sizes=tuple(int(size) for size in FLAGS.batch_sizes),
+        decode_steps=FLAGS.decode_steps,
+        repeats=FLAGS.repeats,
+        baseline=FLAGS.baseline,
+        kv_cache_memory=FLAGS.kv_cache_memory,
+        page_size=FLAGS.page_size,
+        seed=FLAGS.seed or 0,
+    )
+    results = run_benchmark(options)
+    if FLAGS.json:
+        write_json(results, FLAGS.json)
+    print(format_table(results))
 
 
 def convert() -> None:
