@@ -1,13 +1,14 @@
 """The serving benchmark: offline throughput, prefill and decode speed of the engine, next to transformers.
 
-Protocol (all greedy, EOS ignored, medians of `repeats` timed passes after one warm-up pass):
+Protocol (greedy, EOS ignored):
 - offline: `num_prompts` requests submitted at once, prompt and output lengths drawn log-uniformly
   from fixed-seed ranges, prompts cut from real text; input/output tokens/s, TTFT and TPOT percentiles;
 - prefill: one `prefill_tokens`-token prompt from an empty cache, the one step that runs it all;
 - decode at batch B: a 42-token chat prompt replicated B times, first token from the prefill, then
   `decode_steps` single-token steps timed; tokens/s = tokens generated in those steps / their time.
-Each measurement's warm-up pass compiles its shapes; its extra time over a warm pass is its compile time.
-Models without a tokenizer get random token-id prompts of the same lengths.
+Prefill and decode take the median of `repeats` passes, jinfer and transformers alternating so that both
+see the same machine load. Every jinfer measurement starts with a warm-up pass that compiles its shapes;
+its extra time over a warm pass is its compile time. Models without a tokenizer get random token ids.
 """
 
 from __future__ import annotations
@@ -179,13 +180,14 @@ def _config(options: BenchmarkOptions, model_path: str, engine: Engine, workload
 
 
 def _first_step(engine: Engine) -> float:
-    """Runs a 1-token request and returns its time: the engine's first step compiles for its freshly
-    allocated cache, the later ones for the committed cache it returns, so that step is kept out of every pass."""
+    """Runs a 1-token request; returns its time. The engine's first step compiles for the freshly allocated
+    cache and every later one for the committed cache that steps return, so no measured pass may be the first."""
     start = time.perf_counter()
     engine.add_request([0], _greedy(1))
     while engine.has_unfinished():
         engine.step()
     return time.perf_counter() - start
+
 
 Pass = Callable[[], tuple[dict, float]]  # one timed pass -> (metrics with "tokens_per_s", wall seconds of the pass)
 
