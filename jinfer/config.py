@@ -20,6 +20,9 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 ARCHITECTURES = frozenset(HF_ARCHITECTURES.values())
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -70,6 +73,16 @@ class ModelConfig:
     layer_windows: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts: which layers replace the dense MLP by `num_experts` experts of width
+    # `moe_intermediate_size`, `num_experts_per_tok` of them per token (softmax over all router
+    # logits, top-k, renormalised to sum to 1 if `norm_topk_prob`), plus an always-on shared
+    # expert behind a sigmoid gate when `shared_expert_intermediate_size` > 0 (Qwen2-MoE).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -82,6 +95,23 @@ class ModelConfig:
             object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
+        if not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (self.num_experts > 0,) * self.num_layers)
+        self._check_moe()
+
+    def _check_moe(self):
+        if len(self.moe_layers) != self.num_layers:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
+        if not any(self.moe_layers):
+            return
+        if self.num_experts < 1:
+            raise ValueError(f"moe_layers marks sparse layers but num_experts={self.num_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and num_experts={self.num_experts}"
+            )
+        if self.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} must be at least 1")
 
     @property
     def attention_scale(self) -> float:
@@ -111,12 +141,51 @@ def _layer_windows(hf: dict[str, Any], num_layers: int) -> tuple[int, ...]:
     model_type = hf.get("model_type")
     if model_type == "gemma2":
         return tuple(window if i % 2 == 0 else 0 for i in range(num_layers))
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         if not hf.get("use_sliding_window", False):
             return (0,) * num_layers
+        if model_type == "qwen3_moe":
+            return (window,) * num_layers
         first = hf.get("max_window_layers", num_layers)
+        if model_type == "qwen2_moe":
+            return tuple(window if i % 2 == 0 and i < first else 0 for i in range(num_layers))
         return tuple(window if i >= first else 0 for i in range(num_layers))
     return (window,) * num_layers
+
+
+def _attention_bias(hf: dict[str, Any], arch: str) -> bool:
+    if arch == "qwen2_moe":  # Qwen2MoeConfig calls it qkv_bias
+        return hf.get("qkv_bias", True)
+    return hf.get("attention_bias", arch == "qwen2")
+
+
+def _moe_fields(hf: dict[str, Any], arch: str, num_layers: int) -> dict[str, Any]:
+    """The ModelConfig MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config (none for dense families).
+
+    Mixtral's experts have the width `intermediate_size` and always renormalise their top-k
+    weights; Qwen's layer i is sparse unless listed in `mlp_only_layers` or (i + 1) is not a
+    multiple of `decoder_sparse_step`.
+    """
+    if arch == "mixtral":
+        return dict(
+            num_experts=hf["num_local_experts"],
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            moe_intermediate_size=hf["intermediate_size"],
+            norm_topk_prob=True,
+        )
+    if arch not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    step = hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or ())
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0,
+        moe_layers=tuple(num_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+    )
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -149,8 +218,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config") -> ModelConfig:
         rope=_rope_from_hf(hf),
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
         tie_word_embeddings=hf.get("tie_word_embeddings", gemma),
-        attention_bias=hf.get("attention_bias", arch == "qwen2"),
-        qk_norm=arch == "qwen3",
+        attention_bias=_attention_bias(hf, arch),
+        qk_norm=arch in ("qwen3", "qwen3_moe"),
         activation="gelu_tanh" if activation.startswith("gelu") else activation,
         norm_offset=1.0 if gemma else 0.0,
         scale_embeddings=gemma,
@@ -161,6 +230,7 @@ def from_hf_config(hf: dict[str, Any], source: str = "config") -> ModelConfig:
         layer_windows=_layer_windows(hf, num_layers),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos_ids(hf.get("eos_token_id")),
+        **_moe_fields(hf, arch, num_layers),
     )
 
 
@@ -192,7 +262,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     values = {k: v for k, v in data.items() if k in fields}
     values["rope"] = RopeConfig(**values.get("rope", {}))
-    for key in ("layer_windows", "eos_token_ids"):
+    for key in ("layer_windows", "eos_token_ids", "moe_layers"):
         values[key] = tuple(values.get(key, ()))
     return ModelConfig(**values)
 

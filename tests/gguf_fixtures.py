@@ -7,6 +7,7 @@ reader's use of that table is checked against an independent source.
 from __future__ import annotations
 
 import pathlib
+import re
 
 import gguf
 import numpy as np
@@ -25,6 +26,23 @@ _BLOCK_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}
+# One HF tensor per expert, `model.layers.{bid}.{mlp}.experts.{e}.{projection}.weight`; the
+# converter stacks each projection's experts into one [experts, rows, columns] tensor.
+_EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+_STACKED_EXPERT_NAMES = {
+    "gate_proj": "ffn_gate_exps",
+    "w1": "ffn_gate_exps",
+    "up_proj": "ffn_up_exps",
+    "w3": "ffn_up_exps",
+    "down_proj": "ffn_down_exps",
+    "w2": "ffn_down_exps",
 }
 # Gemma 2 has four norms per block; its post-attention norm is not the FFN norm.
 _GEMMA2_BLOCK_NAMES = {
@@ -43,6 +61,31 @@ def gguf_name(arch: str, hf_name: str) -> str:
     _, _, bid, rest = module.split(".", 3)
     names = _GEMMA2_BLOCK_NAMES if arch == "gemma2" else _BLOCK_NAMES
     return f"blk.{bid}.{names[rest]}.{suffix}"
+
+
+def stack_experts(state_dict: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Splits ``state_dict`` into its non-expert tensors and the GGUF tensors that stack each
+    block's per-expert projections in expert order (``blk.0.ffn_gate_exps.weight``)."""
+    rest, experts = {}, {}
+    for hf_name, value in state_dict.items():
+        match = _EXPERT_TENSOR.fullmatch(hf_name)
+        if match is None:
+            rest[hf_name] = value
+            continue
+        bid, expert, projection = match.groups()
+        experts.setdefault(f"blk.{bid}.{_STACKED_EXPERT_NAMES[projection]}.weight", {})[int(expert)] = value
+    stacked = {name: np.stack([by_expert[e] for e in sorted(by_expert)]) for name, by_expert in experts.items()}
+    return rest, stacked
+
+
+def _add_moe_metadata(writer: gguf.GGUFWriter, config) -> None:
+    """The expert keys llama.cpp's converter writes for Mixtral, Qwen2-MoE and Qwen3-MoE."""
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
 
 
 def llama_cpp_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -79,7 +122,8 @@ def write_gguf(
 ) -> None:
     """Write ``state_dict`` (HF names, float32) and ``config`` (an HF config) as GGUF.
 
-    2-D tensors are stored as ``qtype``, 1-D ones as F32; tied models get no output tensor.
+    2-D and stacked-expert 3-D tensors are stored as ``qtype``, 1-D ones as F32; tied models get
+    no output tensor.
     """
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name("tiny-test-model")
@@ -102,6 +146,8 @@ def write_gguf(
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
         writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "num_experts", 0):
+        _add_moe_metadata(writer, config)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"tok{i}" for i in range(config.vocab_size)])
     writer.add_bos_token_id(config.bos_token_id)
@@ -113,14 +159,18 @@ def write_gguf(
             writer.add_uint32(f"{arch}.{key}", value)
         else:
             writer.add_float32(f"{arch}.{key}", value)
+    state_dict, stacked_experts = stack_experts(state_dict)
+    tensors = {}
     for hf_name, value in state_dict.items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        stored = converted_tensor(arch, config, hf_name, value.astype(np.float32))
-        if stored.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name(arch, hf_name), gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
+        tensors[gguf_name(arch, hf_name)] = converted_tensor(arch, config, hf_name, value.astype(np.float32))
+    tensors.update(stacked_experts)
+    for name, stored in tensors.items():
+        if stored.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name(arch, hf_name), stored)
+            writer.add_tensor(name, stored)
     for name, value in (extra_tensors or {}).items():
         writer.add_tensor(name, value.astype(np.float32))
     writer.write_header_to_file()

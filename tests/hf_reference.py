@@ -23,7 +23,9 @@ COMMON = dict(
 )
 
 # Each architecture exercises its own features: llama3 rope scaling, a sliding window shorter than
-# the test sequences, q/k/v biases, q/k norms, Gemma's offsets, soft-caps and alternating windows.
+# the test sequences, q/k/v biases, q/k norms, Gemma's offsets, soft-caps and alternating windows;
+# the MoE ones top-2 of 8 experts (Mixtral), a gated shared expert without renormalised routing
+# weights (Qwen2-MoE), top-3 renormalised and a dense layer among sparse ones (Qwen3-MoE).
 TINY_CONFIGS = {
     "llama": (
         transformers.LlamaConfig,
@@ -55,13 +57,46 @@ TINY_CONFIGS = {
             num_hidden_layers=4,
         ),
     ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        dict(num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, sliding_window=6),
+    ),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        dict(
+            num_hidden_layers=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            num_hidden_layers=2,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        ),
+    ),
 }
 
 
-def build_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A float32 random model whose weights are large enough that every term matters."""
-    config_class, overrides = TINY_CONFIGS[name]
-    config = config_class(**{**COMMON, **overrides})
+def tiny_config(name: str, overrides: dict | None = None) -> transformers.PretrainedConfig:
+    """The HF config of TINY_CONFIGS[name], with `overrides` applied."""
+    config_class, entry_overrides = TINY_CONFIGS[name]
+    return config_class(**{**COMMON, **entry_overrides, **(overrides or {})})
+
+
+def build_tiny_model(name: str, seed: int = 0, overrides: dict | None = None) -> transformers.PreTrainedModel:
+    """A float32 random model whose weights are large enough that every term matters; `overrides`
+    change the entry's config."""
+    config = tiny_config(name, overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
@@ -75,8 +110,10 @@ def build_tiny_model(name: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def save_tiny_model(name: str, directory: pathlib.Path, seed: int = 0) -> transformers.PreTrainedModel:
-    model = build_tiny_model(name, seed)
+def save_tiny_model(
+    name: str, directory: pathlib.Path, seed: int = 0, overrides: dict | None = None
+) -> transformers.PreTrainedModel:
+    model = build_tiny_model(name, seed, overrides)
     model.save_pretrained(directory, safe_serialization=True)
     return model
 

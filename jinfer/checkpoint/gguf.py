@@ -4,7 +4,9 @@ llama.cpp's converter changes an HF checkpoint in four ways on the way into GGUF
 undoes each so the rest of jinfer sees HF names, HF layouts and HF values:
 
 * names: ``model.layers.0.self_attn.q_proj.weight`` becomes ``blk.0.attn_q.weight``; mapped back
-  with gguf's own name table (``gguf.get_tensor_name_map``);
+  with gguf's own name table (``gguf.get_tensor_name_map``); the per-expert tensors of a
+  mixture of experts (``mlp.experts.3.gate_proj.weight``) are stacked into one 3-D tensor per
+  projection (``blk.0.ffn_gate_exps.weight``), presented again as one HF name per expert;
 * config: ``config.json`` becomes ``{arch}.*`` metadata keys; rebuilt by ``hf_config``;
 * llama-architecture files: the rows of q_proj and k_proj (weights and biases) are permuted per
   head from HF's half-split rotary layout to an interleaved one; inverted here;
@@ -29,7 +31,11 @@ _ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma": ("GemmaForCausalLM", "gemma"),
     "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
+# A llama-architecture file with experts is a Mixtral.
+_LLAMA_WITH_EXPERTS = ("MixtralForCausalLM", "mixtral")
 # Architectures whose q_proj/k_proj rows the converter permutes (its LlamaModel.permute).
 _QK_PERMUTED = frozenset({"llama"})
 # Architectures whose RMSNorm weights the converter stores as 1 + w.
@@ -37,24 +43,44 @@ _NORM_PLUS_ONE = frozenset({"gemma", "gemma2"})
 
 # HF module names a supported model can have; gguf's table says which exist per architecture.
 _HF_GLOBAL_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
-_HF_BLOCK_MODULES = tuple(
-    f"model.layers.{{bid}}.{name}"
-    for name in (
-        "input_layernorm",
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "self_attn.q_norm",
-        "self_attn.k_norm",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    )
+_HF_BLOCK_MODULES = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
 )
+# Sparse blocks, by HF model_type: (modules stored whole, expert modules stored stacked).
+# Mixtral and Qwen modules map to the same GGUF names, so only the model's own are looked up.
+_QWEN_EXPERT_MODULES = ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")
+_HF_MOE_MODULES = {
+    "mixtral": (
+        ("block_sparse_moe.gate",),
+        ("block_sparse_moe.experts.w1", "block_sparse_moe.experts.w2", "block_sparse_moe.experts.w3"),
+    ),
+    "qwen2_moe": (
+        (
+            "mlp.gate",
+            "mlp.shared_expert.gate_proj",
+            "mlp.shared_expert.up_proj",
+            "mlp.shared_expert.down_proj",
+            "mlp.shared_expert_gate",
+        ),
+        _QWEN_EXPERT_MODULES,
+    ),
+    "qwen3_moe": (("mlp.gate",), _QWEN_EXPERT_MODULES),
+}
+# Whether top-k routing weights are renormalised, where the file has no expert_weights_norm key
+# (llama.cpp's per-architecture choice).
+_DEFAULT_NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 
 # Tensor types the reader already decodes into numbers; gguf.quants.dequantize takes the rest.
 _PLAIN_TYPES = frozenset(
@@ -96,27 +122,36 @@ class GGUFCheckpoint:
                 f"unsupported GGUF architecture {self._arch!r} in {self.path}; "
                 f"supported: {', '.join(_ARCHITECTURES)}"
             )
-        names = _gguf_to_hf_modules(self._arch, self._kv("block_count"))
-        self._tensors: dict[str, gguf.ReaderTensor] = {}
+        self._hf_class, self._model_type = _ARCHITECTURES[self._arch]
+        if self._arch == "llama" and self._kv("expert_count", 0):
+            self._hf_class, self._model_type = _LLAMA_WITH_EXPERTS
+        whole, stacked = _HF_MOE_MODULES.get(self._model_type, ((), ()))
+        num_blocks = self._kv("block_count")
+        names = _gguf_to_hf_modules(self._arch, num_blocks, _HF_BLOCK_MODULES + whole, _HF_GLOBAL_MODULES)
+        expert_names = _gguf_to_hf_modules(self._arch, num_blocks, stacked)
+        # HF name -> (GGUF tensor, expert index into its leading axis, or None for the whole tensor).
+        self._tensors: dict[str, tuple[gguf.ReaderTensor, int | None]] = {}
         self._unmapped: dict[str, gguf.ReaderTensor] = {}
         for tensor in self._reader.tensors:
             module, _, suffix = tensor.name.rpartition(".")
             if module in names and suffix in ("weight", "bias"):
-                self._tensors[f"{names[module]}.{suffix}"] = tensor
+                self._tensors[f"{names[module]}.{suffix}"] = (tensor, None)
+            elif module in expert_names and suffix == "weight":
+                for expert in range(int(tensor.shape[-1])):
+                    self._tensors[_expert_tensor_name(expert_names[module], expert)] = (tensor, expert)
             else:
                 self._unmapped[tensor.name] = tensor
 
     def hf_config(self) -> dict:
         """The HF ``config.json`` contents this file was converted from, as far as GGUF keeps them."""
-        hf_class, model_type = _ARCHITECTURES[self._arch]
         hidden_size = self._kv("embedding_length")
         num_heads = self._kv("attention.head_count")
         num_layers = self._kv("block_count")
         head_dim = self._kv("attention.key_length", hidden_size // num_heads)
         activation = "gelu_pytorch_tanh" if self._arch in _NORM_PLUS_ONE else "silu"
         config = {
-            "architectures": [hf_class],
-            "model_type": model_type,
+            "architectures": [self._hf_class],
+            "model_type": self._model_type,
             "vocab_size": self.raw_tensor("model.embed_tokens.weight")[2][0],
             "hidden_size": hidden_size,
             "intermediate_size": self._kv("feed_forward_length"),
@@ -138,6 +173,9 @@ class GGUFCheckpoint:
         ):
             if gguf_key in self.metadata:
                 config[hf_key] = self.metadata[gguf_key]
+        if self._model_type == "qwen2_moe":
+            config["qkv_bias"] = config["attention_bias"]
+        config.update(self._moe_config())
         if self._arch in _NORM_PLUS_ONE:
             config["hidden_activation"] = activation
         if self._arch == "gemma2":
@@ -151,14 +189,34 @@ class GGUFCheckpoint:
             config["rope_scaling"] = rope_scaling
         return config
 
+    def _moe_config(self) -> dict:
+        """HF MoE config keys: expert counts and widths, routing normalisation. Every layer is
+        sparse: llama.cpp's tensor lists for these architectures have no dense MLP."""
+        if self._model_type not in _HF_MOE_MODULES:
+            return {}
+        count_key = "num_local_experts" if self._model_type == "mixtral" else "num_experts"
+        config = {
+            count_key: self._kv("expert_count"),
+            "num_experts_per_tok": self._kv("expert_used_count"),
+            "norm_topk_prob": bool(self._kv("expert_weights_norm", _DEFAULT_NORM_TOPK[self._model_type])),
+        }
+        if self._model_type == "mixtral":
+            return config
+        config["moe_intermediate_size"] = self._kv("expert_feed_forward_length")
+        if self._model_type == "qwen2_moe":
+            config["shared_expert_intermediate_size"] = self._kv("expert_shared_feed_forward_length")
+        return config
+
     def tensor_names(self) -> list[str]:
-        """HF names of the model tensors in the file, in file order."""
+        """HF names of the model tensors in the file, in file order (stacked experts: one name per expert)."""
         return list(self._tensors)
 
     def tensor(self, hf_name: str) -> np.ndarray:
         """The tensor as float32 in HF layout and values: [out_features, in_features] for linear
-        weights, [vocab, hidden] for the embedding, [n] for norms and biases."""
-        values = _decode(self._lookup(hf_name))
+        weights (one expert's for an expert's), [vocab, hidden] for the embedding, [n] for norms
+        and biases."""
+        tensor, expert = self._lookup(hf_name)
+        values = _decode(tensor, expert).reshape(_hf_shape(hf_name, tensor, expert))
         if self._arch in _QK_PERMUTED:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 values = _unpermute_rows(values, self._kv("attention.head_count"))
@@ -175,10 +233,11 @@ class GGUFCheckpoint:
         Unlike ``tensor``, this neither undoes the q_proj/k_proj row permutation of llama files
         nor the +1 of gemma norm weights.
         """
-        tensor = self._lookup(hf_name)
-        return tensor.tensor_type, tensor.data, tuple(int(d) for d in reversed(tensor.shape))
+        tensor, expert = self._lookup(hf_name)
+        data = tensor.data if expert is None else tensor.data[expert]
+        return tensor.tensor_type, data, _hf_shape(hf_name, tensor, expert)
 
-    def _lookup(self, hf_name: str) -> gguf.ReaderTensor:
+    def _lookup(self, hf_name: str) -> tuple[gguf.ReaderTensor, int | None]:
         if hf_name not in self._tensors:
             raise KeyError(f"tensor {hf_name!r} not in {self.path}")
         return self._tensors[hf_name]
@@ -232,19 +291,43 @@ def _field_value(field: gguf.ReaderField) -> Any:
     return value
 
 
-def _decode(tensor: gguf.ReaderTensor) -> np.ndarray:
-    """The tensor's values as float32, in the stored layout (HF shape order, [rows, columns])."""
+def _decode(tensor: gguf.ReaderTensor, expert: int | None = None) -> np.ndarray:
+    """The tensor's values as float32, in the stored layout (HF shape order, [rows, columns]);
+    with `expert`, only that slice of the leading (expert) axis is decoded."""
+    data = tensor.data if expert is None else tensor.data[expert]
     if tensor.tensor_type in _PLAIN_TYPES:
-        return tensor.data.astype(np.float32)
-    return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return data.astype(np.float32)
+    return gguf.quants.dequantize(data, tensor.tensor_type)
 
 
-def _gguf_to_hf_modules(arch: str, num_blocks: int) -> dict[str, str]:
-    """GGUF module names (``blk.0.attn_q``) -> HF module names, from gguf's name table."""
+def _hf_shape(hf_name: str, tensor: gguf.ReaderTensor, expert: int | None) -> tuple[int, ...]:
+    """The HF shape of a tensor (or of one expert's slice). Qwen2-MoE's shared_expert_gate is
+    HF's [1, hidden]; some files store it as [hidden]."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    if expert is not None:
+        shape = shape[1:]
+    if hf_name.endswith("shared_expert_gate.weight"):
+        return (1, int(np.prod(shape)))
+    return shape
+
+
+def _expert_tensor_name(stacked_module: str, expert: int) -> str:
+    """('model.layers.0.mlp.experts.gate_proj', 3) -> 'model.layers.0.mlp.experts.3.gate_proj.weight'."""
+    experts_module, _, projection = stacked_module.rpartition(".")
+    return f"{experts_module}.{expert}.{projection}.weight"
+
+
+def _gguf_to_hf_modules(
+    arch: str, num_blocks: int, block_modules: tuple[str, ...], global_modules: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """GGUF module names (``blk.0.attn_q``) -> HF module names, from gguf's name table.
+
+    block_modules are relative to a block (``self_attn.q_proj``); global_modules are full names.
+    """
     model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     name_map = gguf.get_tensor_name_map(model_arch, num_blocks)
-    hf_modules = list(_HF_GLOBAL_MODULES)
-    hf_modules += [module.format(bid=bid) for bid in range(num_blocks) for module in _HF_BLOCK_MODULES]
+    hf_modules = list(global_modules)
+    hf_modules += [f"model.layers.{bid}.{module}" for bid in range(num_blocks) for module in block_modules]
     return {gguf_name: hf for hf in hf_modules if (gguf_name := name_map.get_name(hf)) is not None}
 
 

@@ -32,6 +32,17 @@ def _norm_names(config: ModelConfig) -> dict[str, str]:
     return {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 
+def _module_names(config: ModelConfig) -> dict[str, str]:
+    names = {"attn": "self_attn", **_norm_names(config)}
+    if config.architecture == "mixtral":
+        names["mlp"] = "block_sparse_moe"
+    return names
+
+
+# Mixtral's names for an expert's gate, down and up projections.
+_MIXTRAL_EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+
+
 def hf_tensor_name(path: tuple[str, ...], config: ModelConfig) -> str:
     """('layer_3', 'attn', 'q_proj', 'kernel') -> 'model.layers.3.self_attn.q_proj.weight'."""
     if path == ("embedding",):
@@ -41,9 +52,24 @@ def hf_tensor_name(path: tuple[str, ...], config: ModelConfig) -> str:
         return "model.norm.weight"
     if top == "lm_head":
         return "lm_head.weight"
-    module_names = {"attn": "self_attn", **_norm_names(config)}
+    module_names = _module_names(config)
     parts = ["model", "layers", top.removeprefix("layer_")] + [module_names.get(m, m) for m in modules]
     return ".".join(parts + ["weight" if leaf in ("kernel", "scale") else leaf])
+
+
+def is_stacked_experts(path: tuple[str, ...]) -> bool:
+    """Whether the parameter stacks one HF tensor per expert: ('layer_3', 'mlp', 'experts', 'gate_proj')."""
+    return len(path) > 1 and path[-2] == "experts"
+
+
+def hf_expert_tensor_names(path: tuple[str, ...], config: ModelConfig) -> list[str]:
+    """('layer_3', 'mlp', 'experts', 'gate_proj') -> one name per expert, in expert order:
+    'model.layers.3.mlp.experts.{e}.gate_proj.weight' (Mixtral: 'block_sparse_moe.experts.{e}.w1.weight')."""
+    top, mlp, _, projection = path
+    if config.architecture == "mixtral":
+        projection = _MIXTRAL_EXPERT_NAMES[projection]
+    prefix = f"model.layers.{top.removeprefix('layer_')}.{_module_names(config).get(mlp, mlp)}.experts"
+    return [f"{prefix}.{e}.{projection}.weight" for e in range(config.num_experts)]
 
 
 def hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -79,13 +105,28 @@ def load_params(
     leaves = []
     for key_path, spec in tqdm(flat, desc=f"loading {source_name}", unit="tensor", leave=False):
         path = _key_names(key_path)
-        name = hf_tensor_name(path, config)
-        if name not in available:
-            raise KeyError(f"tensor {name!r} is missing from checkpoint {source_name!r}")
-        hf_array = source.tensor(name)
-        expected = hf_shape(path, spec.shape)
-        if tuple(hf_array.shape) != expected:
-            raise ValueError(f"tensor {name!r} in {source_name!r} has shape {tuple(hf_array.shape)}, expected {expected}")
-        array = hf_array.reshape(spec.shape).astype(spec.dtype)
-        leaves.append(place(path, array))
+        if is_stacked_experts(path):
+            array = _read_stacked(source, hf_expert_tensor_names(path, config), spec, available, source_name)
+        else:
+            name = hf_tensor_name(path, config)
+            array = _read(source, name, hf_shape(path, spec.shape), available, source_name).reshape(spec.shape)
+        leaves.append(place(path, array.astype(spec.dtype, copy=False)))
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _read(source: CheckpointSource, name: str, expected: tuple[int, ...], available: set[str], source_name: str) -> np.ndarray:
+    """The HF tensor `name`, checked to exist and to have the shape `expected`."""
+    if name not in available:
+        raise KeyError(f"tensor {name!r} is missing from checkpoint {source_name!r}")
+    hf_array = source.tensor(name)
+    if tuple(hf_array.shape) != expected:
+        raise ValueError(f"tensor {name!r} in {source_name!r} has shape {tuple(hf_array.shape)}, expected {expected}")
+    return hf_array
+
+
+def _read_stacked(source: CheckpointSource, names: list[str], spec, available: set[str], source_name: str) -> np.ndarray:
+    """One HF tensor per expert, copied one at a time into a host array of `spec`'s [experts, *rest] shape."""
+    stacked = np.empty(spec.shape, spec.dtype)
+    for expert, name in enumerate(names):
+        stacked[expert] = _read(source, name, tuple(spec.shape[1:]), available, source_name)
+    return stacked

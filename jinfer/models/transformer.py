@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.config import ModelConfig
-from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_rope, rope_tables
+from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_rope, matmul_by_kernel, rope_tables
+from jinfer.models.moe import MoEBlock
 from jinfer.ops.attention import LayerAttention
 
 
@@ -72,7 +73,8 @@ class DecoderLayer(nn.Module):
                 h = norm("attn_post_norm")(h)
             x = x + h
         with jax.named_scope("mlp"):
-            h = GatedMLP(cfg, self.dtype, name="mlp")(norm("mlp_norm")(x))
+            mlp = MoEBlock if cfg.moe_layers[self.layer_index] else GatedMLP
+            h = mlp(cfg, self.dtype, name="mlp")(norm("mlp_norm")(x))
             if cfg.sandwich_norms:
                 h = norm("mlp_post_norm")(h)
             return x + h, cache
@@ -112,7 +114,7 @@ class Transformer(nn.Module):
             x = x.reshape(-1, cfg.hidden_size)[logits_index]  # [R, embed]
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype=self.dtype, name="final_norm")(x)
         if cfg.tie_word_embeddings:
-            flat = jnp.einsum("te,ve->tv", x.reshape(-1, cfg.hidden_size), embedding, preferred_element_type=jnp.float32)
+            flat = matmul_by_kernel(x.reshape(-1, cfg.hidden_size), embedding)
             logits = flat.reshape(*x.shape[:-1], cfg.vocab_size)
         else:
             logits = Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), dtype=self.dtype, name="lm_head")(x)
