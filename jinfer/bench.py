@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from jinfer.cache import format_bytes
 from jinfer.config import EngineConfig
 from jinfer.defaults import default_model_path
 from jinfer.engine.engine import Engine
@@ -81,7 +82,8 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     model = load(model_path, dtype=options.dtype)
     load_s = time.perf_counter() - start
     workload = build_workload(options, model)
-    engine = Engine(model, engine_config(options, workload), seed=options.seed)
+    engine = Engine(model, engine_config(options, workload), measure_step_memory=False, seed=options.seed)
+    _check_decode_fits(options, engine, workload)
     results: dict = {"config": _config(options, model_path, engine, workload, load_s)}
     first_step_s = _first_step(engine)
     reference = _reference(options, model_path, workload, results["config"])
@@ -157,6 +159,19 @@ def engine_config(options: BenchmarkOptions, workload: Workload) -> EngineConfig
 def _decode_slack(prompt_len: int, batch: int, budget: int) -> int:
     """Extra tokens early requests of a batch may decode while later ones are still prefilling."""
     return -(-batch * prompt_len // budget)
+
+
+def _check_decode_fits(options: BenchmarkOptions, engine: Engine, workload: Workload) -> None:
+    """Raises ValueError, before anything is measured, if the largest decode batch would not fit the KV pool."""
+    batch, budget = max(options.batch_sizes), engine.config.max_num_batched_tokens
+    tokens = len(workload.decode_prompt) + options.decode_steps + 1 + _decode_slack(len(workload.decode_prompt), batch, budget)
+    needed = batch * -(-tokens // options.page_size)
+    available = engine.plan.num_pages - 1
+    if needed > available:
+        raise ValueError(
+            f"decode at batch {batch} needs {needed} KV pages of {options.page_size} tokens, but kv_cache_memory={options.kv_cache_memory!r} "
+            f"holds {available}; raise kv_cache_memory to at least {format_bytes((needed + 1) * engine.plan.bytes_per_page)}"
+        )
 
 
 def _config(options: BenchmarkOptions, model_path: str, engine: Engine, workload: Workload, load_s: float) -> dict:

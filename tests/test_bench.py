@@ -12,11 +12,16 @@ MEASUREMENTS = ("prefill_32", "decode_b1", "decode_b2")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def tiny_model(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_llama")
     save_tiny_model("llama", directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model):
     options = BenchmarkOptions(
-        model=str(directory),
+        model=tiny_model,
         num_prompts=4,
         prompt_lens=(4, 12),
         output_lens=(2, 6),
@@ -73,3 +78,9 @@ def test_bad_options_are_named():
         BenchmarkOptions(batch_sizes=(0,))
     with pytest.raises(ValueError, match="prompt_lens"):
         BenchmarkOptions(prompt_lens=(50, 10))
+
+
+def test_a_kv_pool_too_small_for_the_decode_batch_is_named(tiny_model):
+    options = BenchmarkOptions(model=tiny_model, batch_sizes=(64,), prefill_tokens=64, kv_cache_memory="100KiB", progress=False)
+    with pytest.raises(ValueError, match="kv_cache_memory='100KiB'"):
+        run_benchmark(options)
