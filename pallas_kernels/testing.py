@@ -27,3 +27,9 @@ def assert_close(actual, expected, dtype=np.float32, atol: float | None = None) 
     assert np.all(np.isfinite(actual)), "non-finite values in the result"
     error = scaled_error(actual, expected)
     assert error <= limit, f"scaled max error {error:.3g} exceeds {limit:.3g}"
+
+
+def random_normal(seed: int, shape: tuple[int, ...], dtype=np.float32, scale: float = 1.0) -> np.ndarray:
+    """Standard normal values (times `scale`) rounded to `dtype`, reproducible from `seed`."""
+    values = np.random.default_rng(seed).normal(size=shape) * scale
+    return values.astype(np.float32).astype(dtype)
