@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from jinfer.config import EngineConfig
 from jinfer.defaults import default_model_path
+from jinfer.engine import multihost
 from jinfer.engine.engine import Engine
 from jinfer.engine.request import Request
 from jinfer.model import load
@@ -66,6 +67,17 @@ class LLM:
     @property
     def tokenizer(self):
         return self.model.tokenizer
+
+    def follow(self) -> int:
+        """In a multi-process run (`jinfer.distributed`), on every process but 0: runs the steps
+        process 0 sends until it calls `stop_followers()`; returns the number of steps."""
+        return multihost.follow(self.engine)
+
+    def stop_followers(self) -> None:
+        """On process 0 of a multi-process run: lets the other processes return from `follow()`.
+        Does nothing in a single-process run."""
+        if self.engine.multihost is not None:
+            self.engine.multihost.send_stop()
 
     def _token_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -22,6 +22,8 @@ import math
 import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -61,6 +63,7 @@ class BenchmarkOptions:
     page_size: int = 16
     seed: int = 0
     progress: bool = True
+    warm_start: bool = False  # also time `jinfer generate --max_tokens=1` in a fresh process, caches filled
 
     def __post_init__(self):
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
@@ -94,7 +97,24 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
             task()
     results["compile_s"] = first_step_s + sum(results[key]["compile_s"] for key in [*_measurement_keys(results), "offline"])
     results["config"]["compiled_shapes"] = len(engine.bucket_shapes_used)
+    if options.warm_start:
+        results["warm_start"] = _warm_start(model_path, options.dtype)
     return results
+
+
+def _warm_start(model_path: str, dtype: str) -> dict:
+    """Wall time of a fresh `jinfer generate` process to its first token, after a run that fills the caches
+    (decoded model, step programs, XLA executables); the process starts, loads, plans, prefills and exits."""
+    command = [
+        sys.executable, "-c", "from jinfer.cli import run; run()", "generate",
+        f"--model={model_path}", f"--dtype={dtype}", "--prompt=Hello", "--max_tokens=1", "--temperature=0",
+    ]
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        runs.append(time.perf_counter() - start)
+    return {"cold_s": runs[0], "warm_s": statistics.median(runs[1:]), "runs_s": runs}
 
 
 # Workload ------------------------------------------------------------------------------------------------
@@ -428,6 +448,8 @@ def format_table(results: dict) -> str:
     ):
         rows.append((label, f"{offline[field]:.{digits}f}", "-", "-"))
     rows.append(("compile, all shapes (s)", f"{results['compile_s']:.1f}", "-", "-"))
+    if "warm_start" in results:
+        rows.append(("warm start to first token (s)", f"{results['warm_start']['warm_s']:.2f}", "-", "-"))
     header = ("measurement", "jinfer", "transformers", "ratio")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]

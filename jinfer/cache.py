@@ -2,6 +2,8 @@
 
 Layout per layer: k and v each `[num_pages, page_size, num_kv_heads, head_dim]`. A token's K/V
 lives at flat slot `page * page_size + offset`; page 0 is the null page that padding points to.
+With a mesh the pool is sharded over KV heads (`sharding.kv_pool_sharding`) and the plan counts
+the bytes one device holds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from jinfer import sharding as sharding_lib
 from jinfer.config import ModelConfig
 
 NULL_PAGE = 0
@@ -43,13 +47,22 @@ def format_bytes(count: int) -> str:
     return f"{count} B"
 
 
-def page_bytes(config: ModelConfig, page_size: int, dtype) -> int:
-    """Bytes one page takes across all layers (K and V)."""
-    return config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+def pool_sharding(config: ModelConfig, mesh: Mesh | None) -> NamedSharding | None:
+    """Where each K/V pool array lives: the default device without a mesh (None)."""
+    return None if mesh is None else sharding_lib.kv_pool_sharding(config.num_kv_heads, config.head_dim, mesh)
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype, sharding: NamedSharding | None = None) -> int:
+    """Bytes one page takes across all layers (K and V) on one device of `sharding`."""
+    shape = (1, page_size, config.num_kv_heads, config.head_dim)
+    per_device = shape if sharding is None else sharding.shard_shape(shape)
+    return config.num_layers * 2 * int(np.prod(per_device)) * jnp.dtype(dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
+    """Bytes on one device: with a mesh, each device's shard of the weights and of the pool."""
+
     weight_bytes: int
     page_size: int
     num_pages: int  # including the null page
@@ -73,13 +86,21 @@ class MemoryPlan:
             ("step temporaries", "n/a" if self.step_temp_bytes is None else format_bytes(self.step_temp_bytes)),
         ]
         width = max(len(name) for name, _ in rows)
-        return "memory plan\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+        return "memory plan (per device)\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-def plan_memory(config: ModelConfig, params, page_size: int, kv_cache_memory: int, dtype, step_temp_bytes: int | None = None) -> MemoryPlan:
-    """How many pages fit in `kv_cache_memory` bytes; errors name the budget when not even two do."""
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    per_page = page_bytes(config, page_size, dtype)
+def plan_memory(
+    config: ModelConfig,
+    params,
+    page_size: int,
+    kv_cache_memory: int,
+    dtype,
+    step_temp_bytes: int | None = None,
+    kv_sharding: NamedSharding | None = None,
+) -> MemoryPlan:
+    """How many pages fit in `kv_cache_memory` bytes per device; errors name the budget when not even two do."""
+    weight_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+    per_page = page_bytes(config, page_size, dtype, kv_sharding)
     num_pages = kv_cache_memory // per_page
     if num_pages < 2:
         raise ValueError(
@@ -89,16 +110,18 @@ def plan_memory(config: ModelConfig, params, page_size: int, kv_cache_memory: in
     return MemoryPlan(weight_bytes, page_size, int(num_pages), per_page, step_temp_bytes)
 
 
-def abstract_cache(config: ModelConfig, num_pages: int, page_size: int, dtype):
-    """Shapes of the pool: a list over layers of {"k", "v"} ShapeDtypeStructs."""
+def abstract_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding: NamedSharding | None = None):
+    """Shapes of the pool: a list over layers of {"k", "v"} ShapeDtypeStructs (with `sharding`)."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-    layer = {"k": jax.ShapeDtypeStruct(shape, dtype), "v": jax.ShapeDtypeStruct(shape, dtype)}
-    return [dict(layer) for _ in range(config.num_layers)]
+    array = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return [{"k": array, "v": array} for _ in range(config.num_layers)]
 
 
-def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, fill: float = 0.0):
-    """The pool on device, every slot set to `fill` (tests poison it with NaN)."""
-    return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype), abstract_cache(config, num_pages, page_size, dtype))
+def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, fill: float = 0.0, sharding: NamedSharding | None = None):
+    """The pool, every slot set to `fill` (tests poison it with NaN); with `sharding` each device
+    allocates only its own shard."""
+    specs = abstract_cache(config, num_pages, page_size, dtype, sharding)
+    return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype, device=spec.sharding), specs)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -14,7 +14,7 @@ from jinfer.config import EngineConfig
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
-flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:1,model:8 (default: one device).")
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:1,model:8 (default: one device); convert: write the checkpoint laid out for it.")
 flags.DEFINE_string("prompt", None, "generate: the prompt (else --prompt_file, else stdin).")
 flags.DEFINE_string("prompt_file", None, "generate: a file with one prompt per line.")
 flags.DEFINE_bool("chat_template", True, "generate: wrap each prompt as a user message in the model's chat template.")
@@ -34,8 +34,13 @@ flags.DEFINE_integer("prefill_tokens", 512, "bench: prompt length of the prefill
 flags.DEFINE_integer("repeats", 3, "bench: timed passes per measurement; the median is reported.")
 flags.DEFINE_bool("baseline", True, "bench: also measure transformers on the same weights.")
 flags.DEFINE_string("json", None, "bench: also write the results to this JSON file.")
+flags.DEFINE_bool("warm_start", True, "bench: also time a fresh `jinfer generate` process to its first token, caches filled.")
 flags.DEFINE_string("output", None, "convert: directory for the jinfer checkpoint.")
 flags.DEFINE_bool("parity", True, "convert: finish with a parity report against the source.")
+flags.DEFINE_bool("distributed", False, "Join a multi-process run (one process per host); with no --coordinator_address, --num_processes or --process_id, JAX discovers them (JAX_COORDINATOR_ADDRESS, TPU VMs, Slurm, Open MPI, Kubernetes).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process run: HOST:PORT of process 0's coordinator (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-process run: the number of processes (implies --distributed).")
+flags.DEFINE_integer("process_id", None, "Multi-process run: this process's index, 0 to num_processes - 1 (implies --distributed).")
 flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla"), "Persistent XLA compilation cache directory ('' to disable).")
 for _field in dataclasses.fields(EngineConfig):
     _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_string
@@ -51,7 +56,11 @@ def _model_path() -> str:
 
 
 def _engine_options() -> dict:
-    return {field.name: getattr(FLAGS, field.name) for field in dataclasses.fields(EngineConfig)}
+    """EngineConfig from the flags; step programs are kept beside the compilation cache unless set."""
+    options = {field.name: getattr(FLAGS, field.name) for field in dataclasses.fields(EngineConfig)}
+    if not FLAGS["program_cache"].present and FLAGS.compilation_cache:
+        options["program_cache"] = os.path.join(os.path.dirname(os.path.normpath(FLAGS.compilation_cache)), "programs")
+    return options
 
 
 def _mesh():
@@ -92,11 +101,24 @@ def _prompts() -> list[str]:
         return [line.rstrip("\n") for line in source if line.strip()]
 
 
-def generate() -> None:
+def _serve(command) -> None:
+    """Runs `command(llm)` on process 0; the other processes of a multi-process run follow its steps."""
+    from jinfer.distributed import is_leader
+
+    llm = _llm()
+    if not is_leader():
+        llm.follow()
+        return
+    try:
+        command(llm)
+    finally:
+        llm.stop_followers()
+
+
+def generate(llm) -> None:
     """One prompt streams its tokens; several are batched and printed in order."""
     params = _sampling_params()
     prompts = _prompts()
-    llm = _llm()
     wrap = FLAGS.chat_template and llm.tokenizer is not None and llm.tokenizer.chat_template
     if len(prompts) == 1:
         start = time.perf_counter()
@@ -113,9 +135,8 @@ def generate() -> None:
         print(output.outputs[0].text)
 
 
-def chat() -> None:
+def chat(llm) -> None:
     """An interactive conversation, streamed token by token."""
-    llm = _llm()
     params = _sampling_params()
     messages = []
     print("chat with the model; an empty line ends the conversation", flush=True)
@@ -144,9 +165,10 @@ def bench() -> None:
         decode_steps=FLAGS.decode_steps,
         repeats=FLAGS.repeats,
         baseline=FLAGS.baseline,
-        kv_cache_memory=FLAGS.kv_cache_memory,
+        kv_cache_memory=FLAGS.kv_cache_memory if FLAGS["kv_cache_memory"].present else BenchmarkOptions.kv_cache_memory,
         page_size=FLAGS.page_size,
         seed=FLAGS.seed or 0,
+        warm_start=FLAGS.warm_start,
     )
     results = run_benchmark(options)
     if FLAGS.json:
@@ -162,9 +184,10 @@ def convert() -> None:
     if not FLAGS.output:
         raise app.UsageError("convert needs --output=DIRECTORY")
     source = _model_path()
-    convert_checkpoint(source, FLAGS.output, FLAGS.dtype)
+    mesh = _mesh()
+    convert_checkpoint(source, FLAGS.output, FLAGS.dtype, mesh)
     if FLAGS.parity:
-        print(format_report(*parity_report(source, load(FLAGS.output, dtype=FLAGS.dtype))))
+        print(format_report(*parity_report(source, load(FLAGS.output, dtype=FLAGS.dtype, mesh=mesh))))
 
 
 def _enable_compilation_cache() -> None:
@@ -175,13 +198,27 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _initialize_distributed(command: str) -> None:
+    """Joins a multi-process run when a flag asks for one; only generate and chat can be served so."""
+    addressing = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if not FLAGS.distributed and all(value is None for value in addressing):
+        return
+    if command not in ("generate", "chat"):
+        raise app.UsageError(f"{command} runs in one process; multi-process flags are for generate and chat")
+    from jinfer import distributed
+
+    distributed.initialize(*addressing)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: jinfer {{{'|'.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
     if len(argv) > 2:
         raise app.UsageError(f"unexpected arguments {argv[2:]}")
     _enable_compilation_cache()
-    {"generate": generate, "chat": chat, "bench": bench, "convert": convert}[argv[1]]()
+    _initialize_distributed(argv[1])
+    commands = {"generate": lambda: _serve(generate), "chat": lambda: _serve(chat), "bench": bench, "convert": convert}
+    commands[argv[1]]()
 
 
 def run() -> None:

@@ -95,7 +95,7 @@ class ModelConfig:
             object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
-        if not self.moe_layers:
+        if not self.moe_layers or (self.num_experts == 0 and not any(self.moe_layers)):
             object.__setattr__(self, "moe_layers", (self.num_experts > 0,) * self.num_layers)
         self._check_moe()
 
@@ -291,6 +291,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 256
     page_size: int = 16
     kv_cache_memory: str = "256MiB"
+    program_cache: str = ""  # directory of serialized step programs (see jinfer.step_programs); "": trace every start
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "page_size"):

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jinfer import config as config_lib
 from jinfer import sharding
-from jinfer.checkpoint import orbax_io
+from jinfer.checkpoint import model_cache, orbax_io
 from jinfer.checkpoint.gguf import GGUFCheckpoint
 from jinfer.checkpoint.safetensors_dir import SafetensorsCheckpoint
 from jinfer.checkpoint.weights import load_params
@@ -144,8 +144,25 @@ def _tokenizer_for(path: pathlib.Path, source) -> Tokenizer | None:
     return None
 
 
-def load(path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh | None = None, seed: int = 0) -> Model:
-    """Loads a GGUF file, an HF safetensors directory, a jinfer Orbax checkpoint, or a preset (random weights)."""
+def _load_cached(entry: pathlib.Path, dtype, mesh: Mesh | None) -> Model | None:
+    """The model from a model-cache entry, or None when the entry is missing or does not fit."""
+    config = model_cache.read_entry_config(entry)
+    if config is None:
+        return None
+    annotated = abstract_params(config, dtype)
+    params = model_cache.read_params(entry, nn.unbox(annotated), _placer(param_shardings(annotated, mesh)))
+    if params is None:
+        return None
+    return Model(config, params, model_cache.read_tokenizer(entry), dtype, mesh)
+
+
+def load(
+    path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh | None = None, seed: int = 0, cache: bool = True
+) -> Model:
+    """Loads a GGUF file, an HF safetensors directory, a jinfer Orbax checkpoint, or a preset (random weights).
+
+    With `cache`, a GGUF file is decoded once and kept in the model cache (see `checkpoint.model_cache`).
+    """
     dtype = resolve_dtype(dtype)
     path = pathlib.Path(path_or_preset).expanduser()
     start = time.perf_counter()
@@ -156,6 +173,11 @@ def load(path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh
             params = jax.jit(init_params, static_argnums=(0, 1, 2), out_shardings=shardings)(config, dtype, seed)
             return Model(config, params, None, dtype, mesh)
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}, and it is not a preset name; presets: {config_lib.preset_names()}")
+    entry = model_cache.entry_for(path, dtype) if cache and path.is_file() and path.suffix == ".gguf" else None
+    cached = None if entry is None else _load_cached(entry, dtype, mesh)
+    if cached is not None:
+        logging.info("loaded %s from the model cache %s in %.2f s", path, entry, time.perf_counter() - start)
+        return cached
     source = _open_source(path)
     if source is None:
         config = orbax_io.read_config(path)
@@ -167,4 +189,6 @@ def load(path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh
         params = load_params(source, annotated, config, _placer(param_shardings(annotated, mesh)), source_name=str(path))
     tokenizer = _tokenizer_for(path, source)
     logging.info("loaded %s (%s) in %.2f s", path, config.architecture, time.perf_counter() - start)
+    if entry is not None:
+        model_cache.write(entry, config, params, tokenizer)
     return Model(config, params, tokenizer, dtype, mesh)

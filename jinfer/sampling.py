@@ -117,6 +117,7 @@ class SamplingBatch:
     presence_penalty: jax.Array  # [B] float32
     frequency_penalty: jax.Array  # [B] float32
     keys: jax.Array  # [B, 2] uint32 raw threefry key data for this step
+    top_logprobs: jax.Array  # [B] int32 top logprobs wanted (0: none)
 
     @classmethod
     def from_params(
@@ -150,6 +151,7 @@ class SamplingBatch:
             presence_penalty=column("presence_penalty", np.float32, 0.0),
             frequency_penalty=column("frequency_penalty", np.float32, 0.0),
             keys=keys,
+            top_logprobs=np.asarray([p.logprobs or 0 for p in params] + [0] * padding, np.int32),
         )
 
 
@@ -194,15 +196,32 @@ def sample(logits, batch: SamplingBatch, num_top_logprobs: int) -> SampleResult:
     drawn with the row's key. Logprobs are reported under log_softmax(logits): before temperature and filters.
     """
     _require(0 <= num_top_logprobs <= MAX_LOGPROBS, "num_top_logprobs", num_top_logprobs, f"in [0, {MAX_LOGPROBS}]")
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
+    greedy = _first_index_of(logits == best)
     is_greedy = batch.temperature == 0
     tokens = lax.cond(
         jnp.all(is_greedy), lambda: greedy, lambda: jnp.where(is_greedy, greedy, _draw(logits, batch))
     )
-    normalizer = jax.nn.logsumexp(logits, axis=-1)
+    normalizer = best[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1))
     logprob = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - normalizer
-    top_values, top_ids = lax.top_k(logits, num_top_logprobs)
+    rows = logits.shape[0]
+    top_values, top_ids = lax.cond(
+        jnp.any(batch.top_logprobs > 0),
+        lambda: tuple(lax.top_k(logits, num_top_logprobs)),
+        lambda: (jnp.zeros((rows, num_top_logprobs), logits.dtype), jnp.zeros((rows, num_top_logprobs), jnp.int32)),
+    )
     return SampleResult(tokens, logprob, top_ids, top_values - normalizer[:, None])
+
+
+def _first_index_of(hits):
+    """hits: [B, V] bool -> [B] int32 lowest index of a hit per row (the last index if none, e.g. NaN logits).
+
+    With a max beforehand this is argmax as two plain reductions, which XLA:CPU runs much faster than
+    argmax's reduction over (value, index) pairs.
+    """
+    last = hits.shape[-1] - 1
+    ids = lax.broadcasted_iota(jnp.int32, hits.shape, 1)
+    return jnp.min(jnp.where(hits, ids, last), axis=-1)
 
 
 def _draw(logits, batch: SamplingBatch):

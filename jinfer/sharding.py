@@ -50,25 +50,82 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
     return sizes
 
 
+# Logical axes whose size must be a multiple of their mesh axis. Replicating experts would leave
+# the `expert` mesh axis with nothing to shard and every device holding every expert, so an
+# indivisible count is an error. Other axes share the `model` mesh axis and are replicated when it
+# does not divide them (SmolLM2's 9 heads and 3 KV heads on 8 devices), the rest still sharding.
+STRICT_AXES = frozenset({"experts"})
+
+# Mesh axes that exist to shard parameters: one of size > 1 that shards none of them is a mistake.
+PARAMETER_MESH_AXES = ("model", "expert")
+
+# The KV page pool, per layer and per K/V: [num_pages, page_size, num_kv_heads, head_dim]. Pages
+# are indexed by every row, so only the head axis shards (over `model`, like the K/V projections).
+KV_POOL_AXES = ("kv_pages", "kv_page_offset", "kv_heads", "head_dim")
+
+
 def _spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules) -> PartitionSpec:
-    """Maps logical axes to mesh axes; an axis whose size the mesh axis does not divide is replicated."""
+    """Maps logical axes to mesh axes; an axis the mesh axis does not divide is replicated (logged),
+    or rejected with a ValueError for STRICT_AXES."""
     table = dict(rules)
     spec = []
     for size, axis in zip(shape, logical_axes):
         mesh_axis = table.get(axis) if axis is not None else None
         if mesh_axis is not None and size % mesh.shape[mesh_axis]:
+            if axis in STRICT_AXES:
+                raise ValueError(
+                    f"logical axis {axis!r} has size {size}, which mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]} "
+                    f"does not divide; use a {mesh_axis} axis size that divides {size}"
+                )
             logging.info("replicating logical axis %r of size %d: mesh axis %r has %d devices", axis, size, mesh_axis, mesh.shape[mesh_axis])
             mesh_axis = None
         spec.append(mesh_axis)
     return PartitionSpec(*spec)
 
 
+def _check_parameter_axes_used(leaves, specs: Sequence[PartitionSpec], mesh: Mesh, rules) -> None:
+    """Raises if a `model`/`expert` mesh axis of size > 1 shards no parameter, naming the sizes it met."""
+    used = {axis for spec in specs for axis in spec if axis is not None}
+    for mesh_axis in PARAMETER_MESH_AXES:
+        if mesh.shape[mesh_axis] == 1 or mesh_axis in used:
+            continue
+        logical = {name for name, target in rules if target == mesh_axis}
+        sizes = sorted({f"{name}={size}" for leaf in leaves for name, size in zip(leaf.names, leaf.value.shape) if name in logical})
+        raise ValueError(
+            f"mesh axis {mesh_axis!r} has {mesh.shape[mesh_axis]} devices but shards no parameter: "
+            f"{', '.join(sizes) if sizes else 'the model has no ' + '/'.join(sorted(logical)) + ' axis'}"
+        )
+
+
+def _is_annotated(leaf) -> bool:
+    return isinstance(leaf, nn.LogicallyPartitioned)
+
+
 def logical_shardings(annotated_tree, mesh: Mesh, rules=RULES):
-    """NamedShardings for a pytree whose leaves are `nn.LogicallyPartitioned` (e.g. from `jax.eval_shape(init)`)."""
+    """NamedShardings for a pytree whose leaves are `nn.LogicallyPartitioned` (e.g. from `jax.eval_shape(init)`).
 
-    def to_sharding(leaf):
-        if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, _spec_for(leaf.value.shape, leaf.names, mesh, rules))
-        return NamedSharding(mesh, PartitionSpec())
+    Raises ValueError (before anything is allocated) for an indivisible strict axis or a parameter
+    mesh axis that would shard nothing."""
+    leaves, treedef = jax.tree.flatten(annotated_tree, is_leaf=_is_annotated)
+    annotated = [leaf for leaf in leaves if _is_annotated(leaf)]
+    specs = [_spec_for(leaf.value.shape, leaf.names, mesh, rules) if _is_annotated(leaf) else PartitionSpec() for leaf in leaves]
+    _check_parameter_axes_used(annotated, specs, mesh, rules)
+    return jax.tree.unflatten(treedef, [NamedSharding(mesh, spec) for spec in specs])
 
-    return jax.tree.map(to_sharding, annotated_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+def kv_pool_sharding(num_kv_heads: int, head_dim: int, mesh: Mesh, rules=RULES) -> NamedSharding:
+    """Sharding of every K or V pool array ([num_pages, page_size, K, D]): KV heads over `model`.
+
+    When the model axis does not divide the K heads the pool is replicated, every device holding all
+    of it; a warning says so. The page axes are never sharded, so their sizes do not matter here.
+    """
+    spec = _spec_for((1, 1, num_kv_heads, head_dim), KV_POOL_AXES, mesh, rules)
+    model_axis = dict(rules)["kv_heads"]
+    if mesh.shape[model_axis] > 1 and spec[2] is None:
+        logging.warning(
+            "KV page pool replicated on every device: %d KV heads are not divisible by mesh axis %r of size %d",
+            num_kv_heads,
+            model_axis,
+            mesh.shape[model_axis],
+        )
+    return NamedSharding(mesh, spec)

@@ -126,6 +126,9 @@ class Tokenizer:
     def from_gguf_metadata(cls, metadata: dict[str, Any], source: str) -> Tokenizer:
         """The vocabulary in already-read GGUF metadata (``tokenizer.*`` keys); ``source`` names the file in errors."""
         kind = metadata.get("tokenizer.ggml.model")
+        missing = [key for key in _GGUF_TOKENIZER_KEYS.get(kind, ()) if key not in metadata]
+        if missing:
+            raise ValueError(f"{source}: a {kind!r} tokenizer needs the GGUF keys {missing}, which the file lacks")
         if kind == "gpt2":
             backend = _byte_level_backend_from_gguf(metadata)
         elif kind == "llama":
@@ -307,6 +310,12 @@ def _add_configured_tokens(backend: tokenizers.Tokenizer, added_tokens_decoder: 
             backend.add_special_tokens([token])
         else:
             backend.add_tokens([token])
+
+
+_GGUF_TOKENIZER_KEYS = {
+    "gpt2": ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"),
+    "llama": ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"),
+}
 
 
 def _byte_level_backend_from_gguf(metadata: dict[str, Any]) -> tokenizers.Tokenizer:

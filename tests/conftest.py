@@ -3,10 +3,14 @@
 import importlib.metadata
 import os
 import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
+
+# Models decoded from GGUF are cached per test session, never in the user's cache.
+os.environ["JINFER_MODEL_CACHE"] = tempfile.mkdtemp(prefix="jinfer-model-cache-")
 
 import pytest  # noqa: E402
 

@@ -149,7 +149,8 @@ def write_gguf(
     if getattr(config, "num_experts", 0):
         _add_moe_metadata(writer, config)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"tok{i}" for i in range(config.vocab_size)])
+    writer.add_token_list(["a", "b", "ab"] + [f"tok{i}" for i in range(3, config.vocab_size)])
+    writer.add_token_merges(["a b"])
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
     for key, value in (extra_kv or {}).items():

@@ -317,7 +317,7 @@ def test_token_counts_ignore_padding():
 def test_logprobs_are_log_softmax_of_the_given_logits(count):
     rng = np.random.default_rng(6)
     logits = rng.standard_normal((8, VOCAB)).astype(np.float32) * 4
-    params = [SamplingParams(temperature=t, top_k=k) for t, k in [(0, 0), (0.5, 10), (1, 0), (2, 3), (1.5, 0)] * 2][:8]
+    params = [SamplingParams(temperature=t, top_k=k, logprobs=count) for t, k in [(0, 0), (0.5, 10), (1, 0), (2, 3), (1.5, 0)] * 2][:8]
     result = sample_jit(jnp.asarray(logits), make_batch(params), count)
     reference = log_softmax(logits)
     tokens = np.asarray(result.tokens)

@@ -9,6 +9,7 @@ import pathlib
 
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from jinfer.checkpoint import orbax_io
 from jinfer.model import Model, load
@@ -32,9 +33,13 @@ class ParityRow:
         return self.next_token_source == self.next_token_converted
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32") -> Model:
-    """Loads `source` tensor by tensor, writes `<output>/params` + config.json + tokenizer files."""
-    model = load(source, dtype=dtype)
+def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None) -> Model:
+    """Loads `source` tensor by tensor, writes `<output>/params` + config.json + tokenizer files.
+
+    With `mesh` the parameters are loaded into that mesh and saved as they lie, each array chunked
+    by its shards, so restoring into the same mesh reads every device's shard as one chunk.
+    """
+    model = load(source, dtype=dtype, mesh=mesh)
     output = orbax_io.save(output, model.params, model.config)
     if model.tokenizer is not None:
         model.tokenizer.save(output)

@@ -11,15 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, plan_memory
+from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, plan_memory, pool_sharding
 from jinfer.config import EngineConfig
 from jinfer.engine.batch import build_batch, padding_batch
+from jinfer.engine.multihost import StepBroadcast
 from jinfer.engine.page_allocator import PageAllocator
 from jinfer.engine.request import Request
 from jinfer.engine.scheduler import Schedule, Scheduler
 from jinfer.model import Model
 from jinfer.sampling import SamplingParams
-from jinfer.step import step as step_fn
+from jinfer.step import StepBatch, StepOutput
+from jinfer.step_programs import JitStep, StepPrograms
 from jinfer.tokenizer import IncrementalDetokenizer
 
 
@@ -48,12 +50,17 @@ class Engine:
         `cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible."""
         self.model = model
         self.config = config
-        budget = kv_budget_bytes(config.kv_cache_memory, jax.devices()[0])
-        self.plan = plan_memory(model.config, model.params, config.page_size, budget, model.dtype)
+        self.multihost = StepBroadcast(config, model.mesh) if jax.process_count() > 1 else None
+        if self.multihost is not None and poison_freed_pages:
+            raise ValueError("poison_freed_pages is not supported in a multi-process run (only process 0 knows the freed pages)")
+        self._step = StepPrograms(config.program_cache, model.config, model.dtype) if config.program_cache else JitStep(model.config, model.dtype)
+        self.pool_sharding = pool_sharding(model.config, model.mesh)
+        budget = kv_budget_bytes(config.kv_cache_memory, jax.local_devices()[0])
+        self.plan = plan_memory(model.config, model.params, config.page_size, budget, model.dtype, kv_sharding=self.pool_sharding)
         if measure_step_memory:
             self.plan = dataclasses.replace(self.plan, step_temp_bytes=self._largest_step_temp_bytes())
         logging.info("%s", self.plan.table())
-        self.kv_cache = allocate_cache(model.config, self.plan.num_pages, config.page_size, model.dtype, fill=cache_fill)
+        self.kv_cache = allocate_cache(model.config, self.plan.num_pages, config.page_size, model.dtype, cache_fill, self.pool_sharding)
         self.allocator = PageAllocator(self.plan.num_pages)
         self.scheduler = Scheduler(config, self.allocator)
         self._requests: dict[str, Request] = {}
@@ -67,8 +74,8 @@ class Engine:
     def _largest_step_temp_bytes(self) -> int | None:
         """Temporaries of the step at its largest bucket, from XLA's memory analysis (None if unavailable)."""
         largest = padding_batch(self.config, self.config.token_buckets[-1], self.config.seq_buckets[-1], self.config.page_buckets[-1])
-        cache = abstract_cache(self.model.config, self.plan.num_pages, self.config.page_size, self.model.dtype)
-        lowered = step_fn.lower(self.model.params, cache, largest, config=self.model.config, dtype=self.model.dtype)
+        cache = abstract_cache(self.model.config, self.plan.num_pages, self.config.page_size, self.model.dtype, self.pool_sharding)
+        lowered = self._step.lower(self.model.params, cache, largest)
         analysis = lowered.compile().memory_analysis()
         return None if analysis is None else int(analysis.temp_size_in_bytes)
 
@@ -126,11 +133,17 @@ class Engine:
         if not schedule.rows:
             return []
         batch = build_batch(schedule, self.config)
-        self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
-        self.kv_cache, self.last_output = step_fn(
-            self.model.params, self.kv_cache, jax.tree.map(jnp.asarray, batch), config=self.model.config, dtype=self.model.dtype
-        )
+        if self.multihost is not None:
+            self.multihost.send(batch)
+        self.run_batch(batch)
         return self._apply(schedule, jax.device_get(self.last_output.sampled))
+
+    def run_batch(self, batch: StepBatch) -> StepOutput:
+        """Runs the step on a host batch and keeps the updated pool; in a multi-process run every
+        process calls this with the same batch (see `engine.multihost`)."""
+        self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
+        self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, jax.tree.map(jnp.asarray, batch))
+        return self.last_output
 
     def _poison_freed_pages(self) -> None:
         """Fills pages freed since the last step before anything is written to them again."""

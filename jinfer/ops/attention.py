@@ -7,6 +7,7 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 MASKED = -1e30
 
@@ -71,18 +72,30 @@ def paged_attention_reference(q, k_pages, v_pages, positions, token_rows, page_t
 
     q: [T, H, D]; k_pages, v_pages: [num_pages, page_size, K, D]; positions, token_rows: [T] int32;
     page_table: [R, P] int32 page ids per row -> [T, H, D]. Cache slots past a token's position
-    (stale or NaN-poisoned pages) are masked out of both the scores and the values.
+    (stale or NaN-poisoned pages) are masked out of both the scores and the values. The gathered
+    K/V are laid out [T, K, span, D] so both products are dots batched over (token, KV head), the
+    form XLA:CPU hands to its matmul routine.
     """
     _, page_size, kv_heads, head_dim = k_pages.shape
     pages = page_table[token_rows]  # [T, P]
     num_tokens, pages_per_row = pages.shape
     span = pages_per_row * page_size
-    k = k_pages[pages].reshape(num_tokens, span, kv_heads, head_dim)
-    v = v_pages[pages].reshape(num_tokens, span, kv_heads, head_dim)
+
+    def gathered(pool):  # [num_pages, page_size, K, D] -> [T, K, span, D]
+        return pool[pages].reshape(num_tokens, span, kv_heads, head_dim).transpose(0, 2, 1, 3)
+
     mask = visible(positions[:, None], jnp.arange(span, dtype=positions.dtype)[None, :], layer.window)[:, 0]  # [T, span]
-    v = jnp.where(mask[:, :, None, None], v, jnp.zeros((), v.dtype))
-    out = grouped_attention(q[:, None], k, v, mask[:, None, :], layer)
-    return out[:, 0]
+    k, v = gathered(k_pages), gathered(v_pages)
+    v = jnp.where(mask[:, None, :, None], v, jnp.zeros((), v.dtype))
+    grouped_q = q.reshape(num_tokens, kv_heads, -1, head_dim)  # [T, K, G, D]
+    batch_dims = ((0, 1), (0, 1))
+    logits = lax.dot_general(grouped_q, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32) * layer.scale
+    if layer.softcap:
+        logits = jnp.tanh(logits / layer.softcap) * layer.softcap
+    logits = jnp.where(mask[:, None, None, :], logits, MASKED)  # [T, K, G, span]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = lax.dot_general(probs, v, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)  # [T, K, G, D]
+    return out.reshape(q.shape).astype(q.dtype)
 
 
 @flax.struct.dataclass

@@ -1,0 +1,98 @@
+"""A cache of models decoded from GGUF files, so the second start reads plain arrays.
+
+Decoding a GGUF file (dequantizing every block, rebuilding the tokenizer from its vocabulary)
+takes seconds; reading the same weights back from a safetensors file takes a fraction of one.
+An entry is keyed by the source file's path, size and modification time and by the dtype, and
+holds `params.safetensors` (jinfer parameter paths), the tagged `config.json` of Orbax
+checkpoints and the tokenizer files. Entries are written to a temporary directory and renamed
+into place, so a crash never leaves a half-written entry behind.
+
+The cache lives in `$JINFER_MODEL_CACHE`, else `~/.cache/jinfer/models`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Callable
+
+import jax
+import numpy as np
+import safetensors.numpy
+from absl import logging
+from flax import traverse_util
+
+from jinfer.checkpoint.orbax_io import CONFIG_FILE, FORMAT_TAG, read_config
+from jinfer.config import ModelConfig, config_to_dict
+from jinfer.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+PARAMS_FILE = "params.safetensors"
+SEPARATOR = "/"
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JINFER_MODEL_CACHE") or pathlib.Path.home() / ".cache" / "jinfer" / "models")
+
+
+def entry_for(source: pathlib.Path, dtype) -> pathlib.Path:
+    """The cache directory of `source` loaded as `dtype` (it may not exist yet)."""
+    stat = source.stat()
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{np.dtype(dtype).name}|{FORMAT_VERSION}"
+    return cache_root() / f"{source.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def read_entry_config(entry: pathlib.Path) -> ModelConfig | None:
+    """The config of a complete entry, or None when there is none."""
+    if not (entry / PARAMS_FILE).is_file():
+        return None
+    return read_config(entry)
+
+
+def read_params(entry: pathlib.Path, abstract_params, place: Callable):
+    """The entry's parameters, or None (with a warning) if they are not exactly `abstract_params`.
+
+    abstract_params: the expected tree of ShapeDtypeStructs; place(path, host_array) puts each array
+    on its device(s).
+    """
+    expected = traverse_util.flatten_dict(abstract_params, sep=SEPARATOR)
+    params = {}
+    with safetensors.safe_open(str(entry / PARAMS_FILE), framework="numpy") as stored:
+        if set(stored.keys()) != set(expected):
+            logging.warning("model cache entry %s does not match the model's parameters; ignoring it", entry)
+            return None
+        for name, spec in expected.items():
+            array = stored.get_tensor(name)
+            if array.shape != spec.shape or array.dtype != spec.dtype:
+                logging.warning("model cache entry %s holds %s as %s %s; ignoring it", entry, name, array.dtype, array.shape)
+                return None
+            params[name] = place(tuple(name.split(SEPARATOR)), array)
+    return traverse_util.unflatten_dict(params, sep=SEPARATOR)
+
+
+def read_tokenizer(entry: pathlib.Path) -> Tokenizer | None:
+    return Tokenizer.from_pretrained_dir(entry) if (entry / "tokenizer.json").is_file() else None
+
+
+def write(entry: pathlib.Path, config: ModelConfig, params, tokenizer: Tokenizer | None) -> None:
+    """Writes the entry atomically; a failure to write only logs a warning (the cache is an optimisation)."""
+    staging = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        flat = {name: np.asarray(jax.device_get(array)) for name, array in traverse_util.flatten_dict(params, sep=SEPARATOR).items()}
+        safetensors.numpy.save_file(flat, str(staging / PARAMS_FILE))
+        (staging / CONFIG_FILE).write_text(json.dumps({"format": FORMAT_TAG, **config_to_dict(config)}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        shutil.rmtree(entry, ignore_errors=True)
+        staging.rename(entry)
+        logging.info("cached the decoded model in %s", entry)
+    except OSError as error:
+        logging.warning("could not write the model cache entry %s: %s", entry, error)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

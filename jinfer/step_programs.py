@@ -1,0 +1,146 @@
+"""The engine step, traced once per bucket shape and kept on disk, so a warm start skips tracing.
+
+Tracing the step means running the Flax model in Python over every unrolled layer: seconds for a
+30-layer model, for every bucket shape, on every start. JAX's persistent compilation cache only
+saves the XLA compile that follows. `StepPrograms` exports each traced step with `jax.export`
+(StableHLO, serialized) into a directory; later processes deserialize it in milliseconds, and the
+XLA compile of it is a hit in the compilation cache.
+
+A program's file name hashes everything the program depends on: jinfer's and its kernels' source
+code, the JAX version, the model config and dtype, and the shapes and dtypes of every input. Arrays
+on a multi-device mesh bypass the directory (exported programs are kept for single-device runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pathlib
+
+import jax
+import numpy as np
+from absl import logging
+from jax import export
+
+from jinfer.config import ModelConfig
+from jinfer.sampling import SampleResult
+from jinfer.step import StepOutput, step
+
+_PACKAGE_ROOTS = ("jinfer", "pallas_kernels")
+_OUTPUT_TREE = jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0))
+
+
+@functools.cache
+def source_digest() -> str:
+    """sha256 over the source files of jinfer and pallas_kernels: any code change makes new programs."""
+    digest = hashlib.sha256(jax.__version__.encode())
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for package in _PACKAGE_ROOTS:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _signature(leaves) -> str:
+    return ";".join(f"{np.dtype(leaf.dtype).name}{tuple(leaf.shape)}" for leaf in leaves)
+
+
+def _single_device(leaves) -> bool:
+    shardings = [getattr(leaf, "sharding", None) for leaf in leaves]
+    return all(sharding is None or len(sharding.device_set) == 1 for sharding in shardings)
+
+
+class JitStep:
+    """The step jitted in this process (no program directory): `step(params, kv_cache, batch)`."""
+
+    def __init__(self, config: ModelConfig, dtype):
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, params, kv_cache, batch):
+        return step(params, kv_cache, batch, config=self.config, dtype=self.dtype)
+
+    def lower(self, params, kv_cache, batch) -> jax.stages.Lowered:
+        return step.lower(params, kv_cache, batch, config=self.config, dtype=self.dtype)
+
+
+class StepPrograms:
+    """Calls the step like `step(params, kv_cache, batch)`, from serialized programs in `directory`.
+
+    The KV cache stays donated: the program is called through a jit that donates it.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, config: ModelConfig, dtype):
+        self.directory = pathlib.Path(directory).expanduser()
+        self.config = config
+        self.dtype = dtype
+        self._calls: dict[str, jax.stages.Wrapped] = {}
+        self._jit_step = JitStep(config, dtype)
+
+    def __call__(self, params, kv_cache, batch):
+        """params, kv_cache: pytrees of arrays; batch: a StepBatch -> (kv_cache, StepOutput)."""
+        leaves, trees = self._flatten(params, kv_cache, batch)
+        if not _single_device(leaves[0] + leaves[1]):
+            return self._jit_step(params, kv_cache, batch)
+        cache_leaves, output_leaves = self._call_for(leaves, trees)(*leaves)
+        return jax.tree.unflatten(trees[1], cache_leaves), jax.tree.unflatten(_OUTPUT_TREE, output_leaves)
+
+    def lower(self, params, kv_cache, batch) -> jax.stages.Lowered:
+        """The step lowered for these (possibly abstract) inputs, e.g. to read its memory analysis."""
+        leaves, trees = self._flatten(params, kv_cache, batch)
+        if not _single_device(leaves[0] + leaves[1]):
+            return self._jit_step.lower(params, kv_cache, batch)
+        return self._call_for(leaves, trees).lower(*leaves)
+
+    @staticmethod
+    def _flatten(params, kv_cache, batch):
+        flat = [jax.tree.flatten(tree) for tree in (params, kv_cache, batch)]
+        return [leaves for leaves, _ in flat], [tree for _, tree in flat]
+
+    def _call_for(self, leaves, trees) -> jax.stages.Wrapped:
+        key = self._key(leaves, trees)
+        if key not in self._calls:
+            self._calls[key] = jax.jit(self._program(key, leaves, trees).call, donate_argnums=(1,))
+        return self._calls[key]
+
+    def _key(self, leaves, trees) -> str:
+        parts = [source_digest(), repr(self.config), np.dtype(self.dtype).name, *map(str, trees), *map(_signature, leaves)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def _program(self, key: str, leaves, trees) -> export.Exported:
+        path = self.directory / f"step-{key}.jaxexport"
+        if path.is_file():
+            try:
+                return export.deserialize(bytearray(path.read_bytes()))
+            except (ValueError, RuntimeError) as error:
+                logging.warning("ignoring the unreadable step program %s: %s", path, error)
+        program = self._export(leaves, trees)
+        self._save(path, program)
+        return program
+
+    def _export(self, leaves, trees) -> export.Exported:
+        params_tree, cache_tree, batch_tree = trees
+
+        def flat_step(params_leaves, cache_leaves, batch_leaves):
+            kv_cache, output = step(
+                jax.tree.unflatten(params_tree, params_leaves),
+                jax.tree.unflatten(cache_tree, cache_leaves),
+                jax.tree.unflatten(batch_tree, batch_leaves),
+                config=self.config,
+                dtype=self.dtype,
+            )
+            return jax.tree.leaves(kv_cache), jax.tree.leaves(output)
+
+        specs = [[jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in group] for group in leaves]
+        return export.export(jax.jit(flat_step, donate_argnums=(1,)))(*specs)
+
+    def _save(self, path: pathlib.Path, program: export.Exported) -> None:
+        """Writes atomically; a failure only logs a warning (the directory is an optimisation)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_suffix(f".tmp-{id(program)}")
+            staging.write_bytes(program.serialize())
+            staging.replace(path)
+        except OSError as error:
+            logging.warning("could not write the step program %s: %s", path, error)

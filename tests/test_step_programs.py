@@ -1,0 +1,64 @@
+"""Serialized step programs: a second engine on the same directory never traces the model, and its
+tokens equal those of an engine that jits the step in-process."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import jinfer
+from hf_reference import VOCAB, save_tiny_model
+from jinfer.cache import abstract_cache
+from jinfer.config import EngineConfig
+from jinfer.engine.batch import padding_batch
+from jinfer.engine.engine import Engine
+from jinfer.models.transformer import Transformer
+from jinfer.sampling import SamplingParams
+from jinfer.step_programs import StepPrograms
+
+CONFIG = EngineConfig(max_num_seqs=2, max_model_len=32, max_num_batched_tokens=8, page_size=8, kv_cache_memory="512KiB")
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=5), SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=5)]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    save_tiny_model("llama", directory)
+    return jinfer.load(directory)
+
+
+def generate(engine):
+    prompts = [np.random.default_rng(i).integers(0, VOCAB, 3 + 4 * i).tolist() for i in range(len(PARAMS))]
+    requests = [engine.add_request(prompt, params) for prompt, params in zip(prompts, PARAMS)]
+    while engine.has_unfinished():
+        engine.step()
+    return [request.output_ids for request in requests]
+
+
+def test_a_warm_engine_runs_the_saved_programs_without_tracing(llama, tmp_path, monkeypatch):
+    config = dataclasses.replace(CONFIG, program_cache=str(tmp_path))
+    expected = generate(Engine(llama, CONFIG, measure_step_memory=False))
+    cold = Engine(llama, config)
+    assert generate(cold) == expected
+    saved = sorted(tmp_path.glob("step-*.jaxexport"))
+    assert saved
+
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("the model was traced although its step programs are saved")
+
+    monkeypatch.setattr(Transformer, "__call__", no_tracing)
+    warm = Engine(llama, config)
+    assert warm.plan.step_temp_bytes == cold.plan.step_temp_bytes > 0
+    donated = jax.tree.leaves(warm.kv_cache)
+    assert generate(warm) == expected
+    assert all(leaf.is_deleted() for leaf in donated)
+    assert sorted(tmp_path.glob("step-*.jaxexport")) == saved
+
+
+def test_each_model_config_gets_its_own_program(llama, tmp_path):
+    batch = padding_batch(CONFIG, 1, 1, 4)
+    for config in (llama.config, llama.config.replace(rms_norm_eps=1e-3)):
+        programs = StepPrograms(tmp_path, config, llama.dtype)
+        programs.lower(llama.params, abstract_cache(config, 8, CONFIG.page_size, llama.dtype), batch)
+    assert len(list(tmp_path.glob("step-*.jaxexport"))) == 2
