@@ -149,8 +149,12 @@ def _load_cached(entry: pathlib.Path, dtype, mesh: Mesh | None) -> Model | None:
     config = model_cache.read_entry_config(entry)
     if config is None:
         return None
-    annotated = abstract_params(config, dtype)
-    params = model_cache.read_params(entry, nn.unbox(annotated), _placer(param_shardings(annotated, mesh)))
+    if mesh is None:
+        device = jax.devices()[0]
+        params = model_cache.read_params(entry, None, lambda _, array: jax.device_put(array, device))
+    else:
+        annotated = abstract_params(config, dtype)
+        params = model_cache.read_params(entry, nn.unbox(annotated), _placer(param_shardings(annotated, mesh)))
     if params is None:
         return None
     return Model(config, params, model_cache.read_tokenizer(entry), dtype, mesh)

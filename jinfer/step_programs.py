@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
 import pathlib
 
 import jax
@@ -61,8 +63,14 @@ class JitStep:
     def __call__(self, params, kv_cache, batch):
         return step(params, kv_cache, batch, config=self.config, dtype=self.dtype)
 
-    def lower(self, params, kv_cache, batch) -> jax.stages.Lowered:
-        return step.lower(params, kv_cache, batch, config=self.config, dtype=self.dtype)
+    def temp_bytes(self, params, kv_cache, batch) -> int | None:
+        """XLA's temporaries of the compiled step for these (possibly abstract) inputs; None if unreported."""
+        return _temp_bytes(step.lower(params, kv_cache, batch, config=self.config, dtype=self.dtype))
+
+
+def _temp_bytes(lowered: jax.stages.Lowered) -> int | None:
+    analysis = lowered.compile().memory_analysis()
+    return None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 class StepPrograms:
@@ -86,12 +94,17 @@ class StepPrograms:
         cache_leaves, output_leaves = self._call_for(leaves, trees)(*leaves)
         return jax.tree.unflatten(trees[1], cache_leaves), jax.tree.unflatten(_OUTPUT_TREE, output_leaves)
 
-    def lower(self, params, kv_cache, batch) -> jax.stages.Lowered:
-        """The step lowered for these (possibly abstract) inputs, e.g. to read its memory analysis."""
+    def temp_bytes(self, params, kv_cache, batch) -> int | None:
+        """Like `JitStep.temp_bytes`, remembered beside the program: a warm start compiles nothing for it."""
         leaves, trees = self._flatten(params, kv_cache, batch)
         if not _single_device(leaves[0] + leaves[1]):
-            return self._jit_step.lower(params, kv_cache, batch)
-        return self._call_for(leaves, trees).lower(*leaves)
+            return self._jit_step.temp_bytes(params, kv_cache, batch)
+        path = self.directory / f"step-{self._key(leaves, trees)}.temp_bytes.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = _temp_bytes(self._call_for(leaves, trees).lower(*leaves))
+        _write_atomically(path, json.dumps(value).encode())
+        return value
 
     @staticmethod
     def _flatten(params, kv_cache, batch):
@@ -136,11 +149,15 @@ class StepPrograms:
         return export.export(jax.jit(flat_step, donate_argnums=(1,)))(*specs)
 
     def _save(self, path: pathlib.Path, program: export.Exported) -> None:
-        """Writes atomically; a failure only logs a warning (the directory is an optimisation)."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".tmp-{id(program)}")
-            staging.write_bytes(program.serialize())
-            staging.replace(path)
-        except OSError as error:
-            logging.warning("could not write the step program %s: %s", path, error)
+        _write_atomically(path, program.serialize())
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    """A failure only logs a warning: the program directory is an optimisation."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_bytes(data)
+        staging.replace(path)
+    except OSError as error:
+        logging.warning("could not write %s: %s", path, error)

@@ -13,6 +13,7 @@ from gguf_fixtures import write_gguf
 import jinfer.model
 from jinfer.checkpoint import model_cache
 from jinfer.model import load
+from jinfer.sharding import make_mesh
 
 
 @pytest.fixture
@@ -67,14 +68,25 @@ def test_each_dtype_and_each_version_of_the_file_has_its_own_entry(tiny_gguf, ca
     assert len(list(cache_dir.iterdir())) == 3
 
 
-def test_an_entry_that_does_not_fit_the_model_is_replaced(tiny_gguf, cache_dir):
+def test_an_unreadable_entry_is_replaced(tiny_gguf, cache_dir):
     reference = load(tiny_gguf, cache=False)
     entry = model_cache.entry_for(tiny_gguf, jnp.float32)
     load(tiny_gguf)
+    params_file = entry / model_cache.PARAMS_FILE
+    params_file.write_bytes(params_file.read_bytes()[:100])
+    assert leaves_equal(reference.params, load(tiny_gguf).params)
+    assert model_cache.read_params(entry, None, lambda _, array: array) is not None
+
+
+def test_on_a_mesh_an_entry_that_does_not_fit_the_model_is_replaced(tiny_gguf, cache_dir):
+    mesh = make_mesh({"model": 2}, jax.devices()[:2])
+    reference = load(tiny_gguf, cache=False)
+    entry = model_cache.entry_for(tiny_gguf, jnp.float32)
+    load(tiny_gguf, mesh=mesh)
     safetensors.numpy.save_file({"embedding": np.zeros((3, 3), np.float32)}, str(entry / model_cache.PARAMS_FILE))
-    reloaded = load(tiny_gguf)
+    reloaded = load(tiny_gguf, mesh=mesh)
     assert leaves_equal(reference.params, reloaded.params)
-    assert model_cache.read_params(entry, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reference.params), lambda _, a: a)
+    assert {shard.data.shape for shard in reloaded.params["layer_0"]["attn"]["q_proj"]["kernel"].addressable_shards} == {(2, 8, 32)}
 
 
 def test_cache_off_writes_nothing(tiny_gguf, cache_dir):

@@ -54,11 +54,12 @@ def test_a_warm_engine_runs_the_saved_programs_without_tracing(llama, tmp_path, 
     assert generate(warm) == expected
     assert all(leaf.is_deleted() for leaf in donated)
     assert sorted(tmp_path.glob("step-*.jaxexport")) == saved
+    assert len(list(tmp_path.glob("step-*.temp_bytes.json"))) == 1
 
 
 def test_each_model_config_gets_its_own_program(llama, tmp_path):
     batch = padding_batch(CONFIG, 1, 1, 4)
     for config in (llama.config, llama.config.replace(rms_norm_eps=1e-3)):
         programs = StepPrograms(tmp_path, config, llama.dtype)
-        programs.lower(llama.params, abstract_cache(config, 8, CONFIG.page_size, llama.dtype), batch)
+        programs.temp_bytes(llama.params, abstract_cache(config, 8, CONFIG.page_size, llama.dtype), batch)
     assert len(list(tmp_path.glob("step-*.jaxexport"))) == 2

@@ -2,7 +2,8 @@
 
 Decoding a GGUF file (dequantizing every block, rebuilding the tokenizer from its vocabulary)
 takes seconds; reading the same weights back from a safetensors file takes a fraction of one.
-An entry is keyed by the source file's path, size and modification time and by the dtype, and
+An entry is keyed by the source file's path, size and modification time, the dtype and the code
+that defines the parameter tree (jinfer/models), and
 holds `params.safetensors` (jinfer parameter paths), the tagged `config.json` of Orbax
 checkpoints and the tokenizer files. Entries are written to a temporary directory and renamed
 into place, so a crash never leaves a half-written entry behind.
@@ -12,6 +13,7 @@ The cache lives in `$JINFER_MODEL_CACHE`, else `~/.cache/jinfer/models`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +23,7 @@ import tempfile
 from typing import Callable
 
 import jax
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from absl import logging
@@ -31,6 +34,7 @@ from jinfer.config import ModelConfig, config_to_dict
 from jinfer.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
+_SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
 PARAMS_FILE = "params.safetensors"
 SEPARATOR = "/"
 
@@ -39,10 +43,19 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JINFER_MODEL_CACHE") or pathlib.Path.home() / ".cache" / "jinfer" / "models")
 
 
+@functools.cache
+def model_code_digest() -> str:
+    """sha256 of the code that defines the parameter tree (jinfer/models): a new layout gets new entries."""
+    digest = hashlib.sha256()
+    for path in sorted((pathlib.Path(__file__).resolve().parent.parent / "models").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def entry_for(source: pathlib.Path, dtype) -> pathlib.Path:
     """The cache directory of `source` loaded as `dtype` (it may not exist yet)."""
     stat = source.stat()
-    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{np.dtype(dtype).name}|{FORMAT_VERSION}"
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{np.dtype(dtype).name}|{FORMAT_VERSION}|{model_code_digest()}"
     return cache_root() / f"{source.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 
@@ -56,22 +69,33 @@ def read_entry_config(entry: pathlib.Path) -> ModelConfig | None:
 def read_params(entry: pathlib.Path, abstract_params, place: Callable):
     """The entry's parameters, or None (with a warning) if they are not exactly `abstract_params`.
 
-    abstract_params: the expected tree of ShapeDtypeStructs; place(path, host_array) puts each array
-    on its device(s).
+    abstract_params: the expected tree of ShapeDtypeStructs, or None to take the entry as it is (its
+    key already pins the model code, source file and dtype, and tracing the model's init to get the
+    tree costs a warm start seconds); place(path, host_array) puts each array on its device(s).
     """
-    expected = traverse_util.flatten_dict(abstract_params, sep=SEPARATOR)
     params = {}
-    with safetensors.safe_open(str(entry / PARAMS_FILE), framework="numpy") as stored:
-        if set(stored.keys()) != set(expected):
-            logging.warning("model cache entry %s does not match the model's parameters; ignoring it", entry)
-            return None
-        for name, spec in expected.items():
-            array = stored.get_tensor(name)
-            if array.shape != spec.shape or array.dtype != spec.dtype:
-                logging.warning("model cache entry %s holds %s as %s %s; ignoring it", entry, name, array.dtype, array.shape)
+    try:
+        with safetensors.safe_open(str(entry / PARAMS_FILE), framework="numpy") as stored:
+            if abstract_params is not None and not _fits(stored, traverse_util.flatten_dict(abstract_params, sep=SEPARATOR)):
+                logging.warning("model cache entry %s does not match the model's parameters; ignoring it", entry)
                 return None
-            params[name] = place(tuple(name.split(SEPARATOR)), array)
+            for name in stored.keys():
+                params[name] = place(tuple(name.split(SEPARATOR)), stored.get_tensor(name))
+    except (safetensors.SafetensorError, OSError) as error:
+        logging.warning("model cache entry %s is unreadable (%s); ignoring it", entry, error)
+        return None
     return traverse_util.unflatten_dict(params, sep=SEPARATOR)
+
+
+def _fits(stored, expected: dict) -> bool:
+    """Whether the stored tensors have exactly the expected names, shapes and dtypes."""
+    if set(stored.keys()) != set(expected):
+        return False
+    for name, spec in expected.items():
+        stored_slice = stored.get_slice(name)
+        if tuple(stored_slice.get_shape()) != spec.shape or _SAFETENSORS_DTYPES.get(stored_slice.get_dtype()) != np.dtype(spec.dtype):
+            return False
+    return True
 
 
 def read_tokenizer(entry: pathlib.Path) -> Tokenizer | None:

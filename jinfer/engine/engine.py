@@ -75,9 +75,7 @@ class Engine:
         """Temporaries of the step at its largest bucket, from XLA's memory analysis (None if unavailable)."""
         largest = padding_batch(self.config, self.config.token_buckets[-1], self.config.seq_buckets[-1], self.config.page_buckets[-1])
         cache = abstract_cache(self.model.config, self.plan.num_pages, self.config.page_size, self.model.dtype, self.pool_sharding)
-        lowered = self._step.lower(self.model.params, cache, largest)
-        analysis = lowered.compile().memory_analysis()
-        return None if analysis is None else int(analysis.temp_size_in_bytes)
+        return self._step.temp_bytes(self.model.params, cache, largest)
 
     @property
     def bucket_shapes_used(self) -> set[tuple[int, ...]]:
