@@ -88,14 +88,13 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
     engine = Engine(model, engine_config(options, workload), measure_step_memory=False, seed=options.seed)
     _check_decode_fits(options, engine, workload)
     results: dict = {"config": _config(options, model_path, engine, workload, load_s)}
-    first_step_s = _first_step(engine)
     reference = _reference(options, model_path, workload, results["config"])
     tasks = _tasks(options, engine, reference, workload, results)
     with tqdm(tasks, desc="benchmark", unit="task", disable=not options.progress) as bar:
         for name, task in bar:
             bar.set_postfix_str(name)
             task()
-    results["compile_s"] = first_step_s + sum(results[key]["compile_s"] for key in [*_measurement_keys(results), "offline"])
+    results["compile_s"] = sum(results[key]["compile_s"] for key in [*_measurement_keys(results), "offline"])
     results["config"]["compiled_shapes"] = len(engine.bucket_shapes_used)
     if options.warm_start:
         results["warm_start"] = _warm_start(model_path, options.dtype)
@@ -212,16 +211,6 @@ def _config(options: BenchmarkOptions, model_path: str, engine: Engine, workload
 
 
 # Engine measurements ----------------------------------------------------------------------------------------
-
-
-def _first_step(engine: Engine) -> float:
-    """Runs a 1-token request; returns its time. The engine's first step compiles for the freshly allocated
-    cache and every later one for the committed cache that steps return, so no measured pass may be the first."""
-    start = time.perf_counter()
-    engine.add_request([0], _greedy(1))
-    while engine.has_unfinished():
-        engine.step()
-    return time.perf_counter() - start
 
 
 Pass = Callable[[], tuple[dict, float]]  # one timed pass -> (metrics with "tokens_per_s", wall seconds of the pass)

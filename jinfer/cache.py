@@ -121,7 +121,9 @@ def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, f
     """The pool, every slot set to `fill` (tests poison it with NaN); with `sharding` each device
     allocates only its own shard."""
     specs = abstract_cache(config, num_pages, page_size, dtype, sharding)
-    return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype, device=spec.sharding), specs)
+    # Committed to its device like the pool each step returns, so the first step compiles what all others run.
+    placement = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype, device=placement), specs)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
