@@ -1,6 +1,8 @@
 """jinfer: a JAX/XLA inference runtime for large language models."""
 
-from jinfer.config import ModelConfig
+from jinfer.api import LLM, RequestOutput, StreamChunk
+from jinfer.config import EngineConfig, ModelConfig
 from jinfer.model import Model, load
+from jinfer.sampling import SamplingParams
 
-__all__ = ["Model", "ModelConfig", "load"]
+__all__ = ["LLM", "EngineConfig", "Model", "ModelConfig", "RequestOutput", "SamplingParams", "StreamChunk", "load"]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import jinfer
-from jinfer.api import LLM
-from jinfer.sampling import SamplingParams
+from jinfer import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
