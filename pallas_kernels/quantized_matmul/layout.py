@@ -5,13 +5,16 @@ matmul is `x [M, K] @ w.T`. Columns are quantized in groups of `group_size` cons
 features, one float32 scale per (output row, group).
 
 - `Int8Weights`: `values` int8 `[N, K]`, `scales` float32 `[N, K // G]`; `w = values * scale`.
-  `G` is 32, 64, 128 or `K` (one scale per output channel).
+  The kernels take `G` of 32, 64, 128 or `K` (one scale per output channel).
 - `Int4Weights`: `packed` uint8 `[N, K // 2]` in a half-split layout: the low nibble of byte `j`
   is column `j`, the high nibble is column `j + K // 2`, so a kernel multiplies
   `x[:, :K/2]` by the low nibbles and `x[:, K/2:]` by the high nibbles without interleaving.
-  `scales` float32 `[N, K // G]`, `G` in {32, 64, 128}. With `mins` None the weights are
-  symmetric, `w = (q - 8) * scale`; with `mins` float32 `[N, K // G]` they are asymmetric
-  (GGUF Q4_1 style), `w = q * scale + min`. `q` is the nibble, 0..15.
+  `scales` float32 `[N, K // G]`; the kernels take `G` in {32, 64, 128}. With `mins` None the
+  weights are symmetric, `w = (q - 8) * scale`; with `mins` float32 `[N, K // G]` they are
+  asymmetric (GGUF Q4_1 style), `w = q * scale + min`. `q` is the nibble, 0..15.
+
+`dequantize` and the reference take any `G` dividing `K`: GGUF's Q6_K, Q3_K and Q2_K weights
+(`jinfer.checkpoint.gguf_quant`) come in groups of 16.
 
 Both are pytrees (arrays are leaves), so they pass through `jax.jit` and `jax.tree.map`.
 """
