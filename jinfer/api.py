@@ -60,8 +60,20 @@ class StreamChunk:
 class LLM:
     """A model and its serving engine. `engine_options` are EngineConfig fields."""
 
-    def __init__(self, model: str | os.PathLike | None = None, *, dtype="float32", mesh=None, seed: int = 0, **engine_options):
-        self.model = load(model if model is not None else default_model_path(), dtype=dtype, mesh=mesh)
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        dtype="float32",
+        mesh=None,
+        seed: int = 0,
+        quantize: str | None = None,
+        group_size: int | None = None,
+        **engine_options,
+    ):
+        """`quantize` ("int8" / "int4" with `group_size`): weight-only quantization on load (jinfer.load)."""
+        path = model if model is not None else default_model_path()
+        self.model = load(path, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size)
         self.engine = Engine(self.model, EngineConfig(**engine_options), seed=seed)
 
     @property

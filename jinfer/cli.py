@@ -14,6 +14,8 @@ from jinfer.config import EngineConfig
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization of the linear layers on load.")
+flags.DEFINE_integer("group_size", None, "Quantization group size (32, 64 or 128; int8 default: one scale per output channel).")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:1,model:8 (default: one device); convert: write the checkpoint laid out for it.")
 flags.DEFINE_string("prompt", None, "generate: the prompt (else --prompt_file, else stdin).")
 flags.DEFINE_string("prompt_file", None, "generate: a file with one prompt per line.")
@@ -90,7 +92,7 @@ def _sampling_params():
 def _llm():
     from jinfer.api import LLM
 
-    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), **_engine_options())
+    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, **_engine_options())
 
 
 def _prompts() -> list[str]:

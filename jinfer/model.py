@@ -24,6 +24,8 @@ from jinfer.checkpoint.safetensors_dir import SafetensorsCheckpoint
 from jinfer.checkpoint.weights import load_params
 from jinfer.models.transformer import Transformer
 from jinfer.ops.attention import FullSequenceAttention
+from jinfer.quantize import check_mode as check_quantize_mode
+from jinfer.quantize import quantize_params
 from jinfer.tokenizer import Tokenizer
 
 GREEDY_BUCKET = 64
@@ -161,12 +163,30 @@ def _load_cached(entry: pathlib.Path, dtype, mesh: Mesh | None) -> Model | None:
 
 
 def load(
-    path_or_preset: str | os.PathLike, dtype: Any = jnp.float32, mesh: Mesh | None = None, seed: int = 0, cache: bool = True
+    path_or_preset: str | os.PathLike,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+    cache: bool = True,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> Model:
     """Loads a GGUF file, an HF safetensors directory, a jinfer Orbax checkpoint, or a preset (random weights).
 
     With `cache`, a GGUF file is decoded once and kept in the model cache (see `checkpoint.model_cache`).
+    `quantize` ("int8" or "int4", with `group_size`) quantizes the linear layers' weights after loading
+    (see `jinfer.quantize`); the embedding stays in `dtype`.
     """
+    check_quantize_mode(quantize, group_size)
+    if quantize is not None and mesh is not None:
+        raise ValueError(f"quantize={quantize!r} on a mesh is not supported yet: load it on one device (mesh=None)")
+    model = _load_float(path_or_preset, dtype, mesh, seed, cache)
+    if quantize is None:
+        return model
+    return dataclasses.replace(model, params=quantize_params(model.params, quantize, group_size))
+
+
+def _load_float(path_or_preset: str | os.PathLike, dtype: Any, mesh: Mesh | None, seed: int, cache: bool) -> Model:
     dtype = resolve_dtype(dtype)
     path = pathlib.Path(path_or_preset).expanduser()
     start = time.perf_counter()

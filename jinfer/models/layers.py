@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.config import ModelConfig, RopeConfig
+from jinfer.ops.matmul import quantized_matmul
+from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights
 
 DType = Any
 INIT_STDDEV = 0.02
@@ -36,15 +38,19 @@ class Linear(nn.Module):
     def __call__(self, x):  # x: [*lead, *in_features] -> [*lead, *out_features]
         n_in, n_out = len(self.in_features), len(self.out_features)
         in_axes, out_axes = self.axes[:n_in], self.axes[n_in:]
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), out_axes + in_axes),
-            self.out_features + self.in_features,
-            self.dtype,
-        )
         lead = x.shape[: x.ndim - n_in]
         fan_in, fan_out = math.prod(self.in_features), math.prod(self.out_features)
-        y = matmul_by_kernel(x.reshape(-1, fan_in), kernel.reshape(fan_out, fan_in))
+        stored = None if self.is_initializing() else self.get_variable("params", "kernel")
+        if isinstance(stored, (Int8Weights, Int4Weights)):  # from jinfer.quantize, already [fan_out, fan_in]
+            y = quantized_matmul(x.reshape(-1, fan_in), stored).astype(jnp.float32)
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(nn.initializers.normal(INIT_STDDEV), out_axes + in_axes),
+                self.out_features + self.in_features,
+                self.dtype,
+            )
+            y = matmul_by_kernel(x.reshape(-1, fan_in), kernel.reshape(fan_out, fan_in))
         y = y.reshape(*lead, *self.out_features).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes), self.out_features, self.dtype)
