@@ -24,7 +24,14 @@ from jinfer.eval.perplexity import PerplexityResult, perplexity
 
 PYDOC_PREFIX = "pydoc:"
 # Mode -> the dtype the model is loaded and run in.
-MODES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+# mode -> jinfer.load keyword arguments
+MODES = {
+    "f32": {"dtype": jnp.float32},
+    "bf16": {"dtype": jnp.bfloat16},
+    "int8": {"dtype": jnp.float32, "quantize": "int8"},
+    "int4-g32": {"dtype": jnp.float32, "quantize": "int4", "group_size": 32},
+    "int4-g128": {"dtype": jnp.float32, "quantize": "int4", "group_size": 128},
+}
 
 flags.DEFINE_string("model", None, "GGUF file, HF directory or jinfer checkpoint (default: the SmolLM2 GGUF).")
 flags.DEFINE_list("modes", ["f32", "bf16"], f"Modes to evaluate, in order: {', '.join(MODES)}.")
@@ -53,7 +60,7 @@ def read_text(spec: str) -> str:
 
 def evaluate(model_path: pathlib.Path, mode: str, text: str) -> tuple[PerplexityResult, float]:
     """The perplexity of the model loaded in `mode` over `text`, and the seconds it took to score."""
-    model = jinfer.load(model_path, dtype=MODES[mode])
+    model = jinfer.load(model_path, **MODES[mode])
     if model.tokenizer is None:
         raise app.UsageError(f"{model_path} has no tokenizer to turn the text into tokens")
     token_ids = model.tokenizer.encode(text)
