@@ -53,9 +53,8 @@ def _quantized(kernel, input_axes: int, mode: str, group_size: int | None, name:
     """kernel: [*out, *in] float -> Int8Weights / Int4Weights of the [fan_out, fan_in] matrix."""
     fan_in = math.prod(kernel.shape[-input_axes:])
     matrix = jnp.asarray(kernel, jnp.float32).reshape(-1, fan_in)
-    needed = group_size if mode == "int8" else 2 * group_size
-    if group_size is not None and fan_in % needed:
-        raise ValueError(f"{name}: group_size={group_size} does not fit its {fan_in} input features ({mode} needs a multiple of {needed})")
+    if group_size is not None and fan_in % group_size:
+        raise ValueError(f"{name}: group_size={group_size} does not divide its {fan_in} input features")
     if mode == "int8":
         return jax.jit(quantize_int8, static_argnums=1)(matrix, group_size)
     return jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, True)
