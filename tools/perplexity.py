@@ -30,6 +30,7 @@ MODES = {
     "bf16": {"dtype": jnp.bfloat16},
     "int8": {"dtype": jnp.float32, "quantize": "int8"},
     "int4-g32": {"dtype": jnp.float32, "quantize": "int4", "group_size": 32},
+    "int4-g64": {"dtype": jnp.float32, "quantize": "int4", "group_size": 64},
     "int4-g128": {"dtype": jnp.float32, "quantize": "int4", "group_size": 128},
 }
 
