@@ -9,6 +9,8 @@ import pathlib
 import tomllib
 from typing import Any
 
+from jinfer.ops.backend import check_kernel_mode
+
 CONFIGS_DIR = pathlib.Path(os.environ.get("JINFER_CONFIGS", pathlib.Path(__file__).resolve().parents[1] / "configs"))
 PRESETS_DIR = CONFIGS_DIR / "models"
 
@@ -292,6 +294,7 @@ class EngineConfig:
     page_size: int = 16
     kv_cache_memory: str = "256MiB"
     program_cache: str = ""  # directory of serialized step programs (see jinfer.step_programs); "": trace every start
+    kernels: str = "auto"  # hot ops: auto | reference | pallas | interpret (see jinfer.ops.backend)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "page_size"):
@@ -302,6 +305,7 @@ class EngineConfig:
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs} "
                 "so that every running sequence can decode in one step"
             )
+        check_kernel_mode(self.kernels)
 
     @property
     def max_pages_per_seq(self) -> int:

@@ -1,4 +1,5 @@
 """grouped_matmul: reference by hand, the work list, kernels vs `jax.lax.ragged_dot`, lowering.
+The transposed-rhs option ([E, N, K] weights) is checked the same ways.
 
 Rows past the groups are filled with NaN in the inputs, so a kernel that reads them into a
 result (instead of writing 0) fails. The TPU-style and GPU-style kernels run in Pallas's
@@ -101,13 +102,17 @@ def _inputs(m, k, n, num_groups, dtype, int8, seed=0):
 reference = jax.jit(gm.grouped_matmul_reference)
 
 
-def _check(impl, lhs, rhs, sizes, scales, dtype):
+def _check(impl, lhs, rhs, sizes, scales, dtype, transpose_rhs=False):
+    """rhs: [E, K, N]; with transpose_rhs the kernel gets it as [E, N, K], the reference as it is."""
     total = int(np.sum(sizes))
     lhs = np.array(lhs)
     lhs[total:] = np.nan  # padding rows: any read into a result shows up
     args = (jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes, jnp.int32))
+    kernel_rhs = jnp.asarray(np.ascontiguousarray(np.swapaxes(rhs, 1, 2))) if transpose_rhs else args[1]
     scales = None if scales is None else jnp.asarray(scales)
-    out = gm.grouped_matmul(*args, rhs_scales=scales, interpret=True, implementation=impl)
+    out = gm.grouped_matmul(
+        args[0], kernel_rhs, args[2], rhs_scales=scales, transpose_rhs=transpose_rhs, interpret=True, implementation=impl
+    )
     assert out.dtype == lhs.dtype
     assert_close(out, reference(*args, scales), dtype)
     assert np.all(np.asarray(out[total:], np.float32) == 0), "padding rows must be 0"
@@ -146,6 +151,19 @@ def test_group_patterns(impl, dtype, int8, pattern):
 def test_shapes(impl, m, k, n, sizes, dtype, int8):
     lhs, rhs, scales = _inputs(m, k, n, len(sizes), dtype, int8)
     _check(impl, lhs, rhs, sizes, scales, dtype)
+
+
+@pytest.mark.parametrize(
+    "m,k,n,sizes,dtype,int8",
+    [
+        (200, 128, 256, SIZE_PATTERNS["mixed"], np.float32, False),  # K != N: a swapped block shape fails
+        (39, 96, 48, [10, 25, 0], BF16, True),  # K, N not multiples of 128; per-output-channel scales
+    ],
+)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_transposed_rhs(impl, m, k, n, sizes, dtype, int8):
+    lhs, rhs, scales = _inputs(m, k, n, len(sizes), dtype, int8)
+    _check(impl, lhs, rhs, sizes, scales, dtype, transpose_rhs=True)
 
 
 # ---- implementation choice and bad input ---------------------------------------------------------
@@ -194,6 +212,19 @@ def test_bad_input_raises(lhs, rhs, sizes, scales, match):
         gm.grouped_matmul(lhs, rhs, sizes, rhs_scales=scales, interpret=True)
 
 
+@pytest.mark.parametrize(
+    "rhs,scales,match",
+    [
+        (jnp.zeros((3, 128, 64)), None, "K = 64"),  # [E, N, K]: K is the last axis
+        (jnp.zeros((3, 64, 128), jnp.int8), jnp.ones((3, 128), jnp.float32), r"\[3, 64\]"),  # scales are [E, N]
+        (jnp.zeros((128, 128)), None, r"\[E, N, K\] \(transpose_rhs\)"),
+    ],
+)
+def test_bad_transposed_rhs_raises(rhs, scales, match):
+    with pytest.raises(ValueError, match=match):
+        gm.grouped_matmul(LHS, rhs, SIZES, rhs_scales=scales, transpose_rhs=True, interpret=True)
+
+
 # ---- lowering for TPU and CUDA -------------------------------------------------------------------
 
 S = jax.ShapeDtypeStruct
@@ -212,10 +243,10 @@ MIXTRAL = {
 }
 
 
-def _export(impl: str, lhs: S, rhs: S, scales: S | None) -> jax.export.Exported:
+def _export(impl: str, lhs: S, rhs: S, scales: S | None, transpose_rhs: bool = False) -> jax.export.Exported:
     platform = {"tpu": "tpu", "gpu": "cuda"}[impl]
     disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TRITON_TARGETS]
-    fn = jax.jit(functools.partial(gm.grouped_matmul, implementation=impl))
+    fn = jax.jit(functools.partial(gm.grouped_matmul, implementation=impl, transpose_rhs=transpose_rhs))
     sizes = S((EXPERTS,), jnp.int32)
     return jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(
         lhs, rhs, sizes, rhs_scales=scales
@@ -238,3 +269,13 @@ def test_gpu_variant_lowers_for_cuda(name):
     assert exported.out_avals[0].shape == (lhs.shape[0], rhs.shape[2])
     assert exported.out_avals[0].dtype == lhs.dtype
     assert any(target in exported.mlir_module() for target in TRITON_TARGETS)
+
+
+@pytest.mark.parametrize("name", ["up_bf16", "down_int8", "small_k96_n48"])
+@pytest.mark.parametrize("impl,target", [("tpu", ("tpu_custom_call",)), ("gpu", TRITON_TARGETS)])
+def test_transposed_rhs_lowers(impl, target, name):
+    lhs, rhs, scales = MIXTRAL[name]
+    transposed = S((rhs.shape[0], rhs.shape[2], rhs.shape[1]), rhs.dtype)  # [E, N, K], HF's layout
+    exported = _export(impl, lhs, transposed, scales, transpose_rhs=True)
+    assert exported.out_avals[0].shape == (lhs.shape[0], rhs.shape[2])
+    assert any(t in exported.mlir_module() for t in target)

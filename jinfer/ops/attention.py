@@ -1,4 +1,5 @@
-"""Attention ops. The XLA reference paths here define what every kernel must match."""
+"""Attention ops. The XLA reference paths here define what every kernel must match; the engine's
+paged attention runs either them or the Pallas kernels (`jinfer.ops.backend`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jinfer.ops import backend as kernel_backend
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
 
 MASKED = -1e30
 
@@ -98,20 +102,47 @@ def paged_attention_reference(q, k_pages, v_pages, positions, token_rows, page_t
     return out.reshape(q.shape).astype(q.dtype)
 
 
+def paged_attention_kernel(q, k, v, cache, slots, kv_lens, page_table, query_start, layer: LayerAttention, interpret: bool):
+    """The Pallas path: write_kv_pages, then ragged_paged_attention over the updated pool.
+
+    q: [T, H, D]; k, v: [T, K, D]; cache: {"k", "v"} pages [num_pages, page_size, K, D]; slots: [T] int32;
+    kv_lens: [R] int32; page_table: [R, P] int32; query_start: [R + 1] int32 -> ([T, H, D], cache).
+    Tokens past query_start[R] (padding) give 0.
+    """
+    dtype = cache["k"].dtype
+    k_pages, v_pages = write_kv_pages(cache["k"], cache["v"], k.astype(dtype), v.astype(dtype), slots, interpret=interpret)
+    out = ragged_paged_attention(
+        q, k_pages, v_pages, kv_lens, page_table, query_start,
+        scale=layer.scale, window=layer.window, softcap=layer.softcap or None, interpret=interpret,
+    )
+    return out, {"k": k_pages, "v": v_pages}
+
+
 @flax.struct.dataclass
 class PagedAttention:
     """A ragged batch against the KV page pool: writes each token's K/V, then attends through the page table.
 
     token_rows: [T] int32 row of each token; slots: [T] int32 flat cache slot of each token's K/V
-    (padding tokens write into the null page); page_table: [R, P] int32 page ids of each row.
+    (padding tokens write into the null page); page_table: [R, P] int32 page ids of each row;
+    kv_lens: [R] int32 tokens of each row in the cache after this step (0 for padding rows);
+    query_start: [R + 1] int32 index in T of each row's first token (a row's tokens are contiguous,
+    rows in order). `kernels` (static) picks the XLA reference or the Pallas kernels (jinfer.ops.backend).
     """
 
     token_rows: jax.Array
     slots: jax.Array
     page_table: jax.Array
+    kv_lens: jax.Array
+    query_start: jax.Array
+    kernels: str = flax.struct.field(pytree_node=False, default="auto")
 
     def __call__(self, q, k, v, positions, cache, layer: LayerAttention):
         """q: [T, H, D]; k, v: [T, K, D]; positions: [T]; cache: {"k", "v"} pages -> ([T, H, D], cache)."""
+        mode = kernel_backend.resolve(self.kernels)
+        if mode != "reference":
+            return paged_attention_kernel(
+                q, k, v, cache, self.slots, self.kv_lens, self.page_table, self.query_start, layer, interpret=mode == "interpret"
+            )
         k_pages = write_kv(cache["k"], k, self.slots)
         v_pages = write_kv(cache["v"], v, self.slots)
         out = paged_attention_reference(q, k_pages, v_pages, positions, self.token_rows, self.page_table, layer)

@@ -6,7 +6,8 @@ run of rows by its expert's matrix. No capacity factor: every copy is computed, 
 `tokens * k` rows whatever the number of experts.
 
 Expert kernels keep the HF `[out, in]` layout with a leading expert axis:
-gate/up `[experts, moe_intermediate, embed]`, down `[experts, embed, moe_intermediate]`.
+gate/up `[experts, moe_intermediate, embed]`, down `[experts, embed, moe_intermediate]`. The grouped
+matmul reads them in that layout (`transpose_rhs`), so the Pallas kernel never copies the weights.
 """
 
 from __future__ import annotations
@@ -16,13 +17,23 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jinfer.ops import backend as kernel_backend
+from pallas_kernels import grouped_matmul as gmm
 
-def grouped_matmul(lhs, rhs, group_sizes):
-    """lhs: [M, K]; rhs: [E, K, N]; group_sizes: [E] int32 summing to M -> [M, N] in lhs's dtype.
 
-    Rows `sum(group_sizes[:e])` to `sum(group_sizes[:e + 1])` of lhs are multiplied by rhs[e],
-    accumulating in float32. The one place a grouped-matmul kernel plugs in.
+def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, kernels: str | None = None):
+    """lhs: [M, K]; rhs: [E, K, N] ([E, N, K] if transpose_rhs); group_sizes: [E] int32 summing to M
+    -> [M, N] in lhs's dtype.
+
+    Rows `sum(group_sizes[:e])` to `sum(group_sizes[:e + 1])` of lhs are multiplied by rhs[e] (rhs[e].T
+    if transpose_rhs), accumulating in float32: `jax.lax.ragged_dot`, or the Pallas kernel, as
+    `kernels` (None: the enclosing kernel_scope's mode) resolves (jinfer.ops.backend).
     """
+    mode = kernel_backend.resolve(kernels)
+    if mode != "reference":
+        return gmm.grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=mode == "interpret")
+    if transpose_rhs:
+        rhs = jnp.swapaxes(rhs, 1, 2)
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)
 
@@ -55,9 +66,9 @@ def sort_by_expert(experts, num_experts: int):
 def expert_mlp(x_sorted, gate_kernel, up_kernel, down_kernel, group_sizes, activation: Callable):
     """x_sorted: [M, embed] rows grouped by expert; gate/up_kernel: [E, I, embed];
     down_kernel: [E, embed, I]; group_sizes: [E] -> [M, embed], down(act(gate(x)) * up(x))."""
-    gate = grouped_matmul(x_sorted, jnp.swapaxes(gate_kernel, 1, 2), group_sizes)  # [M, I]
-    up = grouped_matmul(x_sorted, jnp.swapaxes(up_kernel, 1, 2), group_sizes)  # [M, I]
-    return grouped_matmul(activation(gate) * up, jnp.swapaxes(down_kernel, 1, 2), group_sizes)
+    gate = grouped_matmul(x_sorted, gate_kernel, group_sizes, transpose_rhs=True)  # [M, I]
+    up = grouped_matmul(x_sorted, up_kernel, group_sizes, transpose_rhs=True)  # [M, I]
+    return grouped_matmul(activation(gate) * up, down_kernel, group_sizes, transpose_rhs=True)
 
 
 def moe_mlp(x, router_logits, gate_kernel, up_kernel, down_kernel, *, k: int, renormalize: bool, activation: Callable):

@@ -3,7 +3,8 @@
 The work list (`segments.py`) is computed from `group_sizes` outside the kernel and
 scalar-prefetched into SMEM, where the index maps read it: grid (output-feature blocks,
 segments, input-feature blocks). Segment w multiplies row tile `tiles[w]` of lhs by its group's
-rhs block, accumulating over the input-feature axis in a float32 VMEM scratch; at the last
+rhs block ([tk, tn], or [tn, tk] of a transposed rhs, contracted on its second axis),
+accumulating over the input-feature axis in a float32 VMEM scratch; at the last
 input-feature step it writes the rows of the tile that belong to the segment and leaves the
 others. A tile's segments are consecutive, so its output block stays in VMEM across them, and
 together they write each of its rows once. Padding segments and unused entries skip the matmul
@@ -38,6 +39,7 @@ class _Plan:
     tn: int  # output features per block
     num_groups: int
     dtype: jnp.dtype  # lhs dtype, also the MXU operand dtype
+    transpose_rhs: bool  # rhs is [E, N, K]
 
     @property
     def precision(self) -> jax.lax.Precision:
@@ -61,7 +63,7 @@ def _as_operand(block: jax.Array, dtype) -> jax.Array:
 
 def _kernel(tiles_ref, groups_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, *refs, plan: _Plan):
     # SMEM: tiles, groups, starts, ends [num_segments] int32. VMEM: lhs [tm, tk], rhs [tk, tn]
-    # (float or int8), then scales [1, tn] if int8, out [tm, tn], acc [tm, tn] float32.
+    # or [tn, tk] if transposed (float or int8), then scales [1, tn] if int8, out [tm, tn], acc [tm, tn] float32.
     scale_ref = refs[0] if len(refs) == 3 else None
     o_ref, acc_ref = refs[-2:]
     w, k = pl.program_id(1), pl.program_id(2)
@@ -74,8 +76,13 @@ def _kernel(tiles_ref, groups_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, *refs
     @pl.when(active)
     def _accumulate():
         rhs = _as_operand(rhs_ref[...], plan.dtype)
-        acc_ref[...] += jnp.dot(
-            lhs_ref[...], rhs, precision=plan.precision, preferred_element_type=jnp.float32
+        contracting = 1 if plan.transpose_rhs else 0
+        acc_ref[...] += jax.lax.dot_general(
+            lhs_ref[...],
+            rhs,
+            (((1,), (contracting,)), ((), ())),
+            precision=plan.precision,
+            preferred_element_type=jnp.float32,
         )
 
     @pl.when(k == pl.num_programs(2) - 1)
@@ -86,7 +93,7 @@ def _kernel(tiles_ref, groups_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, *refs
         o_ref[...] = jnp.where(mine, product.astype(o_ref.dtype), o_ref[...])
 
 
-def _index_maps(num_groups: int):
+def _index_maps(num_groups: int, transpose_rhs: bool):
     """Block index maps: grid indices (j, w, k), then the prefetched work list."""
 
     def group_and_k(w, k, groups_ref):
@@ -99,7 +106,7 @@ def _index_maps(num_groups: int):
 
     def rhs(j, w, k, tiles_ref, groups_ref, *_):
         group, k_block = group_and_k(w, k, groups_ref)
-        return group, k_block, j
+        return (group, j, k_block) if transpose_rhs else (group, k_block, j)
 
     def scale(j, w, k, tiles_ref, groups_ref, *_):
         return group_and_k(w, k, groups_ref)[0], 0, j
@@ -112,26 +119,29 @@ def _index_maps(num_groups: int):
 
 def grouped_matmul(
     lhs: jax.Array,  # [M, K] float32 or bfloat16, rows sorted by group
-    rhs: jax.Array,  # [E, K, N] lhs.dtype, or int8
+    rhs: jax.Array,  # [E, K, N] (or [E, N, K] if transpose_rhs) lhs.dtype, or int8
     group_sizes: jax.Array,  # [E] int32
     rhs_scales: jax.Array | None = None,  # [E, N] float32 when rhs is int8
     *,
+    transpose_rhs: bool = False,
     interpret: bool = False,
 ) -> jax.Array:  # [M, N] lhs.dtype
     """The Mosaic kernel; see the module docstring for its structure. Inputs already validated."""
-    (m, k), (num_groups, _, n) = lhs.shape, rhs.shape
+    (m, k), num_groups, n = lhs.shape, rhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
     plan = _Plan(
         tm=min(m, ROW_TILE),
         tk=_divisor_block(k, K_BLOCKS),
         tn=_divisor_block(n, N_BLOCKS),
         num_groups=num_groups,
         dtype=jnp.dtype(lhs.dtype),
+        transpose_rhs=transpose_rhs,
     )
     work = segments.make_segments(group_sizes, m, plan.tm)
-    lhs_map, rhs_map, scale_map, out_map = _index_maps(num_groups)
+    lhs_map, rhs_map, scale_map, out_map = _index_maps(num_groups, transpose_rhs)
+    rhs_block = (plan.tn, plan.tk) if transpose_rhs else (plan.tk, plan.tn)
     in_specs = [
         pl.BlockSpec((plan.tm, plan.tk), lhs_map),
-        pl.BlockSpec((None, plan.tk, plan.tn), rhs_map),
+        pl.BlockSpec((None, *rhs_block), rhs_map),
     ]
     operands = [lhs, rhs]
     if rhs_scales is not None:
