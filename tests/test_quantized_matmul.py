@@ -219,6 +219,8 @@ def test_int4_modes(impl, kind, group_size, dtype):
         (300, 256, 128, "int8", 64, BF16),  # several row blocks, the last one partial
         (5, 96, 48, "int8", 32, np.float32),  # K, N not multiples of 128: one whole block
         (3, 64, 32, "int4", 32, np.float32),  # K / 2 = 32: TPU variant splits x into its halves
+        (2, 576, 64, "int8", 32, np.float32),  # K over 128, off the 128 grid: a narrower last slice (SmolLM2)
+        (2, 1152, 64, "int4", 32, np.float32),  # the same per half
     ],
 )
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -313,6 +315,7 @@ LOWERING_CASES = {
     "decode_down_int8_g32": (1, _abstract_int8(HIDDEN, INTERMEDIATE, 32)),
     "small_int8_k96_n48": (5, _abstract_int8(48, 96, 32)),
     "small_int4_k64_n32": (3, _abstract_int4(32, 64, 32, symmetric=False)),
+    "smollm2_gate_int8_g32": (1, _abstract_int8(1536, 576, 32)),
 }
 
 

@@ -100,16 +100,17 @@ def _block_product(
 ) -> jax.Array:  # [tm, tn] float32
     """Sum over the block's groups g of (x_g @ q_g.T) * scale_g (+ sum(x_g) * min_g)."""
     width, group = plan.slice_width, plan.group_size
-    groups_per_slice = max(width // group, 1)
     total = jnp.zeros((x_ref.shape[0], q.shape[0]), jnp.float32)
-    for s in range(plan.tk // width):
-        xs = x_ref[:, s * width : (s + 1) * width]
-        qs = q[:, s * width : (s + 1) * width]
+    for start in range(0, plan.tk, width):  # the last slice is narrower when width does not divide tk
+        stop = min(start + width, plan.tk)
+        xs = x_ref[:, start:stop]
+        qs = q[:, start:stop]
         lane = jax.lax.broadcasted_iota(jnp.int32, xs.shape, 1)
+        groups_per_slice = max((stop - start) // group, 1)
         for j in range(groups_per_slice):
             in_group = (lane >= j * group) & (lane < (j + 1) * group)
             xg = xs if groups_per_slice == 1 else jnp.where(in_group, xs, 0)
-            row = s * width // group + j
+            row = start // group + j
             total += _dot_nt(xg, qs, plan.precision) * s_ref[row]
             if m_ref is not None:
                 total += jnp.sum(xg.astype(jnp.float32), axis=1, keepdims=True) * m_ref[row]
