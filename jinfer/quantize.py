@@ -35,8 +35,8 @@ def check_mode(mode: str | None, group_size: int | None) -> None:
 def quantize_params(params, mode: str, group_size: int | None = None):
     """params: a float parameter tree -> the same tree with every linear kernel quantized.
 
-    int8 uses one scale per output channel unless `group_size` is given; int4 is symmetric with
-    groups of `group_size`. A group size that does not divide a layer's input raises ValueError
+    int8 uses one scale per output channel unless `group_size` is given; int4 is asymmetric (a scale
+    and a min per group of `group_size`, as GGUF's Q4_1), which keeps a lopsided group's range. A group size that does not divide a layer's input raises ValueError
     naming the layer.
     """
     check_mode(mode, group_size)
@@ -57,4 +57,4 @@ def _quantized(kernel, input_axes: int, mode: str, group_size: int | None, name:
         raise ValueError(f"{name}: group_size={group_size} does not divide its {fan_in} input features")
     if mode == "int8":
         return jax.jit(quantize_int8, static_argnums=1)(matrix, group_size)
-    return jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, True)
+    return jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, False)
