@@ -75,7 +75,7 @@ def _spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Me
             if axis in STRICT_AXES:
                 raise ValueError(
                     f"logical axis {axis!r} has size {size}, which mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]} "
-                    f"does not divide; use a {mesh_axis} axis size that divides {size}"
+                    f"does not divide; give {mesh_axis!r} a size that divides {size}"
                 )
             logging.info("replicating logical axis %r of size %d: mesh axis %r has %d devices", axis, size, mesh_axis, mesh.shape[mesh_axis])
             mesh_axis = None
@@ -89,12 +89,10 @@ def _check_parameter_axes_used(leaves, specs: Sequence[PartitionSpec], mesh: Mes
     for mesh_axis in PARAMETER_MESH_AXES:
         if mesh.shape[mesh_axis] == 1 or mesh_axis in used:
             continue
-        logical = {name for name, target in rules if target == mesh_axis}
+        logical = sorted(name for name, target in rules if target == mesh_axis)
         sizes = sorted({f"{name}={size}" for leaf in leaves for name, size in zip(leaf.names, leaf.value.shape) if name in logical})
-        raise ValueError(
-            f"mesh axis {mesh_axis!r} has {mesh.shape[mesh_axis]} devices but shards no parameter: "
-            f"{', '.join(sizes) if sizes else 'the model has no ' + '/'.join(sorted(logical)) + ' axis'}"
-        )
+        reason = ", ".join(sizes) if sizes else f"the model has no {' / '.join(logical) or 'logical'} axis mapped to it"
+        raise ValueError(f"mesh axis {mesh_axis!r} has {mesh.shape[mesh_axis]} devices but shards no parameter: {reason}")
 
 
 def _is_annotated(leaf) -> bool:

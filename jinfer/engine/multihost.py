@@ -26,6 +26,7 @@ from jinfer.step import StepBatch
 if TYPE_CHECKING:
     from jinfer.engine.engine import Engine
 
+
 class StepBroadcast:
     """Carries each step's batch from the leader to the followers."""
 
@@ -39,7 +40,7 @@ class StepBroadcast:
         self._ranks = [leaf.ndim for leaf in leaves]
 
     def send(self, batch: StepBatch) -> None:
-        """Leader: the batch's shapes, then its arrays."""
+        """Leader: the batch's shapes, then its arrays (numpy, as `batch.build_batch` makes them)."""
         leaves = jax.tree.leaves(batch)
         dtypes = [leaf.dtype for leaf in leaves]
         if dtypes != self._dtypes:
