@@ -15,10 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import pick_implementation
 from pallas_kernels.grouped_matmul import gpu, tpu
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-IMPLEMENTATIONS = ("tpu", "gpu")
 
 
 def rhs_dims(rhs: jax.Array, transpose_rhs: bool) -> tuple[int, int]:
@@ -69,20 +69,6 @@ def validate(
         )
     if group_sizes.dtype != jnp.int32:
         raise ValueError(f"group_sizes must be int32, got dtype {group_sizes.dtype}")
-
-
-def pick_implementation(implementation: str | None, interpret: bool) -> str:
-    """The kernel variant to run: explicit, else by `jax.default_backend()`."""
-    if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
-        return implementation
-    backend = jax.default_backend()
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    if backend == "tpu" or interpret:
-        return "tpu"
-    raise ValueError(f"no Pallas kernel for backend {backend!r}; use the reference or interpret=True")
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "interpret", "implementation"))

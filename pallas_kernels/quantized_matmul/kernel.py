@@ -12,11 +12,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import pick_implementation
 from pallas_kernels.quantized_matmul import gpu, layout, tpu
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 GROUP_SIZES = (32, 64, 128)
-IMPLEMENTATIONS = ("tpu", "gpu")
 
 
 def _check_scale_array(name: str, array: jax.Array, rows: int, k: int) -> int:
@@ -76,20 +76,6 @@ def validate(x: jax.Array, weights: layout.QuantizedWeights) -> None:  # x: [M, 
         raise ValueError(f"weights must be Int8Weights or Int4Weights, got {type(weights).__name__}")
     if x.shape[1] != weights.shape[1]:
         raise ValueError(f"x has K = {x.shape[1]} but the weights have K = {weights.shape[1]}")
-
-
-def pick_implementation(implementation: str | None, interpret: bool) -> str:
-    """The kernel variant to run: explicit, else by `jax.default_backend()`."""
-    if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
-        return implementation
-    backend = jax.default_backend()
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    if backend == "tpu" or interpret:
-        return "tpu"
-    raise ValueError(f"no Pallas kernel for backend {backend!r}; use the reference or interpret=True")
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "implementation"))
