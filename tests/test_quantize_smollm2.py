@@ -12,7 +12,7 @@ from jinfer.quantize import quantize_params
 
 pytestmark = pytest.mark.slow
 
-TEXT_TOKENS = 1024  # of "The standard type hierarchy" (pydoc_data, part of every CPython); tools/perplexity.py runs it all
+TEXT_TOKENS = 512  # of "The standard type hierarchy" (pydoc_data, part of every CPython); tools/perplexity.py runs it all
 # Prompts whose float32 greedy continuation never has its top two logits within DECISIVE of each
 # other: closer calls flip under any perturbation (transformers and llama.cpp part there too), e.g.
 # "The capital of France is" has a 0.067 gap at its 9th token, and int8 takes the other token.
