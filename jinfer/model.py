@@ -67,6 +67,13 @@ def full_forward(params, tokens, *, config, dtype):
     return logits
 
 
+def check_vocabulary(token_ids: np.ndarray, vocab_size: int) -> None:
+    """token_ids: integer array of any shape; raises ValueError naming the first id outside the vocabulary."""
+    bad = token_ids[(token_ids < 0) | (token_ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"token id {int(bad[0])} is out of the vocabulary (size {vocab_size})")
+
+
 @dataclasses.dataclass
 class Model:
     """A loaded model: frozen config, plain parameter pytree, tokenizer (None for a bare preset)."""
@@ -82,9 +89,7 @@ class Model:
         tokens = np.asarray(token_ids)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"token_ids must be a [batch, seq] integer array, got shape {tokens.shape} dtype {tokens.dtype}")
-        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is out of the vocabulary (size {self.config.vocab_size})")
+        check_vocabulary(tokens, self.config.vocab_size)
         return np.asarray(full_forward(self.params, jnp.asarray(tokens, jnp.int32), config=self.config, dtype=self.dtype))
 
     def greedy_continuation(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:

@@ -13,7 +13,6 @@ on a multi-device mesh bypass the directory (exported programs are kept for sing
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -26,22 +25,10 @@ from jax import export
 
 from jinfer.config import ModelConfig
 from jinfer.sampling import SampleResult
+from jinfer.source_digest import source_digest
 from jinfer.step import StepOutput, step
 
-_PACKAGE_ROOTS = ("jinfer", "pallas_kernels")
 _OUTPUT_TREE = jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0))
-
-
-@functools.cache
-def source_digest() -> str:
-    """sha256 over the source files of jinfer and pallas_kernels: any code change makes new programs."""
-    digest = hashlib.sha256(jax.__version__.encode())
-    root = pathlib.Path(__file__).resolve().parent.parent
-    for package in _PACKAGE_ROOTS:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _signature(leaves) -> str:
@@ -83,7 +70,7 @@ class StepPrograms:
         self.directory = pathlib.Path(directory).expanduser()
         self.config = config
         self.dtype = dtype
-        self._calls: dict[str, jax.stages.Wrapped] = {}
+        self._calls: dict[tuple, jax.stages.Wrapped] = {}  # by (tree structures, leaf shapes and dtypes)
         self._jit_step = JitStep(config, dtype)
 
     def __call__(self, params, kv_cache, batch):
@@ -112,13 +99,15 @@ class StepPrograms:
         return [leaves for leaves, _ in flat], [tree for _, tree in flat]
 
     def _call_for(self, leaves, trees) -> jax.stages.Wrapped:
-        key = self._key(leaves, trees)
-        if key not in self._calls:
-            self._calls[key] = jax.jit(self._program(key, leaves, trees).call, donate_argnums=(1,))
-        return self._calls[key]
+        """The jitted program for these inputs; the file key is hashed only the first time a shape is seen."""
+        shapes = (tuple(trees), tuple((leaf.shape, leaf.dtype) for group in leaves for leaf in group))
+        if shapes not in self._calls:
+            self._calls[shapes] = jax.jit(self._program(self._key(leaves, trees), leaves, trees).call, donate_argnums=(1,))
+        return self._calls[shapes]
 
     def _key(self, leaves, trees) -> str:
-        parts = [source_digest(), repr(self.config), np.dtype(self.dtype).name, *map(str, trees), *map(_signature, leaves)]
+        code = source_digest("jinfer", "pallas_kernels")
+        parts = [code, jax.__version__, repr(self.config), np.dtype(self.dtype).name, *map(str, trees), *map(_signature, leaves)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def _program(self, key: str, leaves, trees) -> export.Exported:

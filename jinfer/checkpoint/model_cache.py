@@ -13,7 +13,6 @@ The cache lives in `$JINFER_MODEL_CACHE`, else `~/.cache/jinfer/models`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from flax import traverse_util
 
 from jinfer.checkpoint.orbax_io import CONFIG_FILE, FORMAT_TAG, read_config
 from jinfer.config import ModelConfig, config_to_dict
+from jinfer.source_digest import source_digest
 from jinfer.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -43,19 +43,10 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JINFER_MODEL_CACHE") or pathlib.Path.home() / ".cache" / "jinfer" / "models")
 
 
-@functools.cache
-def model_code_digest() -> str:
-    """sha256 of the code that defines the parameter tree (jinfer/models): a new layout gets new entries."""
-    digest = hashlib.sha256()
-    for path in sorted((pathlib.Path(__file__).resolve().parent.parent / "models").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
 def entry_for(source: pathlib.Path, dtype) -> pathlib.Path:
     """The cache directory of `source` loaded as `dtype` (it may not exist yet)."""
     stat = source.stat()
-    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{np.dtype(dtype).name}|{FORMAT_VERSION}|{model_code_digest()}"
+    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{np.dtype(dtype).name}|{FORMAT_VERSION}|{source_digest('jinfer/models')}"
     return cache_root() / f"{source.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
 
 

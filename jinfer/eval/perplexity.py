@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jinfer.model import Model, full_forward
+from jinfer.model import Model, check_vocabulary, full_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +118,7 @@ def perplexity(
     token_ids = np.asarray(token_ids)
     if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
         raise ValueError(f"token_ids must be a 1-D integer array, got shape {token_ids.shape} dtype {token_ids.dtype}")
-    bad = token_ids[(token_ids < 0) | (token_ids >= model.config.vocab_size)]
-    if bad.size:
-        raise ValueError(f"token id {int(bad[0])} is out of the vocabulary (size {model.config.vocab_size})")
+    check_vocabulary(token_ids, model.config.vocab_size)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     if window > model.config.max_position_embeddings:
