@@ -50,11 +50,11 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
     return sizes
 
 
-# Logical axes whose size must be a multiple of their mesh axis. Replicating experts would leave
-# the `expert` mesh axis with nothing to shard and every device holding every expert, so an
-# indivisible count is an error. Other axes share the `model` mesh axis and are replicated when it
-# does not divide them (SmolLM2's 9 heads and 3 KV heads on 8 devices), the rest still sharding.
-STRICT_AXES = frozenset({"experts"})
+# A logical axis the mesh axis does not divide is an error, with one documented fallback: KV heads
+# fewer than the devices of `model` (SmolLM2's 3 on 8, GQA models' 8 on 16) are replicated, as a
+# query-head shard then needs its KV heads whole anyway. Replicating anything else would silently
+# leave devices holding what they were meant to split.
+REPLICATED_WHEN_FEWER = frozenset({"kv_heads"})
 
 # Mesh axes that exist to shard parameters: one of size > 1 that shards none of them is a mistake.
 PARAMETER_MESH_AXES = ("model", "expert")
@@ -65,19 +65,20 @@ KV_POOL_AXES = ("kv_pages", "kv_page_offset", "kv_heads", "head_dim")
 
 
 def _spec_for(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh, rules) -> PartitionSpec:
-    """Maps logical axes to mesh axes; an axis the mesh axis does not divide is replicated (logged),
-    or rejected with a ValueError for STRICT_AXES."""
+    """Maps logical axes to mesh axes; raises ValueError naming the axis and sizes when a mesh axis
+    does not divide its logical axis (KV heads fewer than its devices are replicated instead, logged)."""
     table = dict(rules)
     spec = []
     for size, axis in zip(shape, logical_axes):
         mesh_axis = table.get(axis) if axis is not None else None
         if mesh_axis is not None and size % mesh.shape[mesh_axis]:
-            if axis in STRICT_AXES:
+            devices = mesh.shape[mesh_axis]
+            if not (axis in REPLICATED_WHEN_FEWER and size < devices):
                 raise ValueError(
-                    f"logical axis {axis!r} has size {size}, which mesh axis {mesh_axis!r} of size {mesh.shape[mesh_axis]} "
+                    f"logical axis {axis!r} has size {size}, which mesh axis {mesh_axis!r} of size {devices} "
                     f"does not divide; give {mesh_axis!r} a size that divides {size}"
                 )
-            logging.info("replicating logical axis %r of size %d: mesh axis %r has %d devices", axis, size, mesh_axis, mesh.shape[mesh_axis])
+            logging.info("replicating logical axis %r of size %d: fewer than the %d devices of mesh axis %r", axis, size, devices, mesh_axis)
             mesh_axis = None
         spec.append(mesh_axis)
     return PartitionSpec(*spec)
@@ -102,8 +103,8 @@ def _is_annotated(leaf) -> bool:
 def logical_shardings(annotated_tree, mesh: Mesh, rules=RULES):
     """NamedShardings for a pytree whose leaves are `nn.LogicallyPartitioned` (e.g. from `jax.eval_shape(init)`).
 
-    Raises ValueError (before anything is allocated) for an indivisible strict axis or a parameter
-    mesh axis that would shard nothing."""
+    Raises ValueError (before anything is allocated) for an axis its mesh axis does not divide or a
+    parameter mesh axis that would shard nothing."""
     leaves, treedef = jax.tree.flatten(annotated_tree, is_leaf=_is_annotated)
     annotated = [leaf for leaf in leaves if _is_annotated(leaf)]
     specs = [_spec_for(leaf.value.shape, leaf.names, mesh, rules) if _is_annotated(leaf) else PartitionSpec() for leaf in leaves]
@@ -114,14 +115,14 @@ def logical_shardings(annotated_tree, mesh: Mesh, rules=RULES):
 def kv_pool_sharding(num_kv_heads: int, head_dim: int, mesh: Mesh, rules=RULES) -> NamedSharding:
     """Sharding of every K or V pool array ([num_pages, page_size, K, D]): KV heads over `model`.
 
-    When the model axis does not divide the K heads the pool is replicated, every device holding all
-    of it; a warning says so. The page axes are never sharded, so their sizes do not matter here.
+    When the K heads are fewer than the model axis's devices the pool is replicated, every device
+    holding all of it; a warning says so. The page axes are never sharded, so their sizes do not matter here.
     """
     spec = _spec_for((1, 1, num_kv_heads, head_dim), KV_POOL_AXES, mesh, rules)
     model_axis = dict(rules)["kv_heads"]
     if mesh.shape[model_axis] > 1 and spec[2] is None:
         logging.warning(
-            "KV page pool replicated on every device: %d KV heads are not divisible by mesh axis %r of size %d",
+            "KV page pool replicated on every device: %d KV heads are fewer than the devices of mesh axis %r (%d)",
             num_kv_heads,
             model_axis,
             mesh.shape[model_axis],

@@ -33,7 +33,7 @@ from pallas_kernels.testing import assert_close
 LAYOUTS = {"1x8": {"model": 8}, "2x4": {"data": 2, "model": 4}, "8x1": {"data": 8}, "ep8": {"expert": 8}}
 MODELS = {
     "dense": ("llama", dict(num_attention_heads=8, num_key_value_heads=8)),  # every head axis divides 8
-    "moe": ("mixtral", dict(num_key_value_heads=4)),  # 4 heads / KV heads: sharded on model:4, replicated on model:8
+    "moe": ("mixtral", dict(num_attention_heads=8, num_key_value_heads=4)),  # 4 KV heads: sharded on model:4, replicated on model:8
 }
 # The expert layout is for the MoE model only: a dense model has nothing to put on an expert axis.
 CASES = [("dense", "1x8"), ("dense", "2x4"), ("dense", "8x1"), ("moe", "1x8"), ("moe", "2x4"), ("moe", "8x1"), ("moe", "ep8")]
@@ -127,7 +127,7 @@ def test_kv_pool_replication_is_logged(caplog):
     with caplog.at_level(logging.WARNING):
         sharding = kv_pool_sharding(3, 64, make_mesh({"model": 8}))
     assert sharding.is_fully_replicated
-    assert "3 KV heads are not divisible by mesh axis 'model' of size 8" in caplog.text
+    assert "3 KV heads are fewer than the devices of mesh axis 'model' (8)" in caplog.text
 
 
 COLLECTIVE = re.compile(r"= (.+?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
@@ -234,13 +234,30 @@ def test_a_mesh_axis_that_shards_nothing_fails_before_allocation(no_allocation):
         jinfer.load("llama-3.1-8b", mesh=mesh)
 
 
-def test_indivisible_heads_are_replicated_while_the_mlp_shards():
-    """SmolLM2's 9 heads and 3 KV heads on model:8: replicated; its MLP (1536) and vocabulary shard."""
+@pytest.mark.parametrize(
+    "overrides, axis, size",
+    [
+        (dict(num_heads=9), "heads", 9),  # SmolLM2's heads
+        (dict(intermediate_size=1540), "mlp", 1540),
+        (dict(vocab_size=49150), "vocab", 49150),
+        (dict(num_kv_heads=12), "kv_heads", 12),  # more KV heads than devices
+    ],
+)
+def test_a_weight_axis_the_mesh_does_not_divide_fails_before_allocation(no_allocation, overrides, axis, size):
     config, _ = read_preset("smollm2-135m")
+    config = dataclasses.replace(config, **{"num_heads": 24, **overrides})  # 24 heads: only the overridden axis is indivisible
+    with pytest.raises(ValueError, match=rf"logical axis '{axis}' has size {size}, which mesh axis 'model' of size 8 does not divide"):
+        param_shardings(abstract_params(config), make_mesh({"model": 8}))
+
+
+def test_kv_heads_fewer_than_the_devices_are_replicated_while_the_rest_shards():
+    """SmolLM2 with 24 heads and its 3 KV heads on model:8: the K/V projections replicate, the rest shards."""
+    config, _ = read_preset("smollm2-135m")
+    config = dataclasses.replace(config, num_heads=24)
     shardings = param_shardings(abstract_params(config), make_mesh({"model": 8}))
     layer = shardings["layer_0"]
-    assert layer["attn"]["q_proj"]["kernel"].is_fully_replicated
     assert layer["attn"]["k_proj"]["kernel"].is_fully_replicated
+    assert "model" in tuple(layer["attn"]["q_proj"]["kernel"].spec)
     assert tuple(layer["mlp"]["gate_proj"]["kernel"].spec) == ("model", None)
     assert tuple(shardings["embedding"].spec) == ("model", None)
 
