@@ -15,6 +15,7 @@ from jinfer.engine.engine import Engine
 from jinfer.engine.request import Request
 from jinfer.model import load
 from jinfer.sampling import SamplingParams
+from jinfer.speculative import SpeculativeConfig
 
 Prompt = str | Sequence[int]
 
@@ -69,12 +70,16 @@ class LLM:
         seed: int = 0,
         quantize: str | None = None,
         group_size: int | None = None,
+        speculative: SpeculativeConfig | None = None,
         **engine_options,
     ):
-        """`quantize` ("int8" / "int4" with `group_size`): weight-only quantization on load (jinfer.load)."""
+        """`quantize` ("int8" / "int4" with `group_size`): weight-only quantization on load (jinfer.load).
+        `speculative`: speculative decoding (n-gram lookup, self-drafting, or a draft model loaded from
+        `speculative.draft_model` like the target)."""
         path = model if model is not None else default_model_path()
         self.model = load(path, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size)
-        self.engine = Engine(self.model, EngineConfig(**engine_options), seed=seed)
+        draft = None if speculative is None or speculative.draft_model is None else load(speculative.draft_model, dtype=dtype, mesh=mesh)
+        self.engine = Engine(self.model, EngineConfig(**engine_options), seed=seed, speculative=speculative, draft_model=draft)
 
     @property
     def tokenizer(self):

@@ -4,6 +4,11 @@ Layout per layer: k and v each `[num_pages, page_size, num_kv_heads, head_dim]`.
 lives at flat slot `page * page_size + offset`; page 0 is the null page that padding points to.
 With a mesh the pool is sharded over KV heads (`sharding.kv_pool_sharding`) and the plan counts
 the bytes one device holds.
+
+An int8 pool (`EngineConfig.kv_cache_dtype="int8"`) holds int8 k and v plus float32 `k_scale` and
+`v_scale` `[num_pages, page_size, num_kv_heads]`: each token's K (V) of each KV head is stored as
+`round(x / scale)` with `scale = max|x| / 127` (pallas_kernels.ragged_paged_attention.reference.
+quantize_int8), 68 bytes per head of 64 values instead of 256 (float32) or 128 (bfloat16).
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer import sharding as sharding_lib
-from jinfer.config import ModelConfig
+from jinfer.config import KV_CACHE_DTYPES, ModelConfig
 
 NULL_PAGE = 0
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -47,16 +52,32 @@ def format_bytes(count: int) -> str:
     return f"{count} B"
 
 
+def kv_dtype(model_dtype, kv_cache_dtype: str) -> jnp.dtype:
+    """The dtype of the pool's K/V values: the model's for "auto", int8 for "int8"."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES} ('auto': the model's dtype)")
+    return jnp.dtype(jnp.int8) if kv_cache_dtype == "int8" else jnp.dtype(model_dtype)
+
+
+def _scale_sharding(sharding: NamedSharding | None) -> NamedSharding | None:
+    """The sharding of the [num_pages, page_size, K] scales beside K/V pages sharded as `sharding`."""
+    return None if sharding is None else NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[:3]))
+
+
 def pool_sharding(config: ModelConfig, mesh: Mesh | None) -> NamedSharding | None:
     """Where each K/V pool array lives: the default device without a mesh (None)."""
     return None if mesh is None else sharding_lib.kv_pool_sharding(config.num_kv_heads, config.head_dim, mesh)
 
 
 def page_bytes(config: ModelConfig, page_size: int, dtype, sharding: NamedSharding | None = None) -> int:
-    """Bytes one page takes across all layers (K and V) on one device of `sharding`."""
-    shape = (1, page_size, config.num_kv_heads, config.head_dim)
-    per_device = shape if sharding is None else sharding.shard_shape(shape)
-    return config.num_layers * 2 * int(np.prod(per_device)) * jnp.dtype(dtype).itemsize
+    """Bytes one page takes across all layers (K and V, and their scales for int8) on one device of `sharding`."""
+    one_page = abstract_cache(config, 1, page_size, dtype, sharding)[0]
+    return config.num_layers * sum(_device_bytes(spec, spec.sharding) for spec in one_page.values())
+
+
+def _device_bytes(spec: jax.ShapeDtypeStruct, sharding: NamedSharding | None) -> int:
+    per_device = spec.shape if sharding is None else sharding.shard_shape(spec.shape)
+    return int(np.prod(per_device)) * jnp.dtype(spec.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,26 +131,53 @@ def plan_memory(
     return MemoryPlan(weight_bytes, page_size, int(num_pages), per_page, step_temp_bytes)
 
 
+def plan_device_memory(config: ModelConfig, weight_bytes: int, device_memory: int, page_size: int, dtype, max_model_len: int) -> MemoryPlan:
+    """The plan when the weights and the KV pool share `device_memory` bytes: the pages get what the
+    weights leave. `weight_bytes` may come from `jax.eval_shape` (jinfer.quantize.parameter_bytes), so
+    a model is planned without allocating it. Raises ValueError naming the sizes when that leaves no
+    room for one sequence of `max_model_len` tokens (plus the null page)."""
+    per_page = page_bytes(config, page_size, dtype)
+    needed_pages = -(-max_model_len // page_size) + 1
+    free = device_memory - weight_bytes
+    if free < needed_pages * per_page:
+        raise ValueError(
+            f"weights of {format_bytes(weight_bytes)} leave {format_bytes(max(free, 0))} of device_memory={format_bytes(device_memory)}; "
+            f"one sequence of max_model_len={max_model_len} tokens needs {needed_pages} pages of {format_bytes(per_page)}"
+        )
+    return MemoryPlan(weight_bytes, page_size, int(free // per_page), per_page, None)
+
+
 def abstract_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding: NamedSharding | None = None):
-    """Shapes of the pool: a list over layers of {"k", "v"} ShapeDtypeStructs (with `sharding`)."""
+    """Shapes of the pool: a list over layers of {"k", "v"} ShapeDtypeStructs (with `sharding`), plus
+    {"k_scale", "v_scale"} float32 [num_pages, page_size, K] when `dtype` is int8."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
     array = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-    return [{"k": array, "v": array} for _ in range(config.num_layers)]
+    layer = {"k": array, "v": array}
+    if jnp.dtype(dtype) == jnp.int8:
+        scales = jax.ShapeDtypeStruct(shape[:3], jnp.float32, sharding=_scale_sharding(sharding))
+        layer.update(k_scale=scales, v_scale=scales)
+    return [dict(layer) for _ in range(config.num_layers)]
+
+
+def _filler(value: float, dtype) -> jax.Array:
+    """What `fill` means for an array of `dtype`: int8 codes are set to 0, so that a NaN poison
+    reaches an int8 pool through its float32 scales."""
+    return jnp.asarray(value if jnp.issubdtype(dtype, jnp.floating) else 0, dtype)
 
 
 def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, fill: float = 0.0, sharding: NamedSharding | None = None):
-    """The pool, every slot set to `fill` (tests poison it with NaN); with `sharding` each device
-    allocates only its own shard."""
+    """The pool, every slot set to `fill` (tests poison it with NaN; an int8 pool's scales take it,
+    its codes are 0); with `sharding` each device allocates only its own shard."""
     specs = abstract_cache(config, num_pages, page_size, dtype, sharding)
     # Committed to its device like the pool each step returns, so the first step compiles what all others run.
-    placement = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda spec: jnp.full(spec.shape, fill, spec.dtype, device=placement), specs)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda spec: jnp.full(spec.shape, _filler(fill, spec.dtype), spec.dtype, device=spec.sharding or default), specs)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def fill_pages(cache, pages, value):
-    """Sets every slot of `pages` ([n] int32) to `value` in every layer's K and V."""
-    return jax.tree.map(lambda layer: layer.at[pages].set(jnp.asarray(value, layer.dtype)), cache)
+    """Sets every slot of `pages` ([n] int32) to `value` in every layer's K and V (int8 pools: the scales)."""
+    return jax.tree.map(lambda layer: layer.at[pages].set(_filler(value, layer.dtype)), cache)
 
 
 def slots_for(pages: np.ndarray, positions: np.ndarray, page_size: int) -> np.ndarray:

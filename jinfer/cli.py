@@ -14,8 +14,11 @@ from jinfer.config import EngineConfig
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
-flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization of the linear layers on load.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "gguf", "w8a8"], "Quantization of the linear layers on load (gguf: a GGUF file's quantized weights as stored; w8a8: int8 weights and dynamically quantized int8 activations); convert: write them quantized.")
 flags.DEFINE_integer("group_size", None, "Quantization group size (32, 64 or 128; int8 default: one scale per output channel).")
+flags.DEFINE_enum("speculative", None, ["ngram", "self", "draft"], "Speculative decoding: n-gram prompt lookup, self-drafting (the first layers), or --draft_model; bench: measure it against plain decoding.")
+flags.DEFINE_integer("num_speculative_tokens", 4, "Speculative decoding: drafts per pass (k, 1 to 16).")
+flags.DEFINE_string("draft_model", None, "Speculative decoding: the draft model (same vocabulary) for --speculative=draft.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:1,model:8 (default: one device); convert: write the checkpoint laid out for it.")
 flags.DEFINE_string("prompt", None, "generate: the prompt (else --prompt_file, else stdin).")
 flags.DEFINE_string("prompt_file", None, "generate: a file with one prompt per line.")
@@ -92,7 +95,15 @@ def _sampling_params():
 def _llm():
     from jinfer.api import LLM
 
-    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, **_engine_options())
+    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, speculative=_speculative(), **_engine_options())
+
+
+def _speculative():
+    if FLAGS.speculative is None:
+        return None
+    from jinfer.speculative import SpeculativeConfig
+
+    return SpeculativeConfig(method=FLAGS.speculative, num_tokens=FLAGS.num_speculative_tokens, draft_model=FLAGS.draft_model)
 
 
 def _prompts() -> list[str]:
@@ -172,6 +183,14 @@ def bench() -> None:
         seed=FLAGS.seed or 0,
         warm_start=FLAGS.warm_start,
     )
+    if FLAGS.speculative:
+        from jinfer.bench_speculative import format_speculative_table, run_speculative_benchmark
+
+        results = run_speculative_benchmark(options, FLAGS.speculative, FLAGS.num_speculative_tokens, FLAGS.draft_model)
+        if FLAGS.json:
+            write_json(results, FLAGS.json)
+        print(format_speculative_table(results))
+        return
     results = run_benchmark(options)
     if FLAGS.json:
         write_json(results, FLAGS.json)
@@ -187,7 +206,7 @@ def convert() -> None:
         raise app.UsageError("convert needs --output=DIRECTORY")
     source = _model_path()
     mesh = _mesh()
-    convert_checkpoint(source, FLAGS.output, FLAGS.dtype, mesh)
+    convert_checkpoint(source, FLAGS.output, FLAGS.dtype, mesh, FLAGS.quantize, FLAGS.group_size)
     if FLAGS.parity:
         print(format_report(*parity_report(source, load(FLAGS.output, dtype=FLAGS.dtype, mesh=mesh))))
 

@@ -278,6 +278,9 @@ def _powers_of_two_up_to(limit: int, smallest: int) -> tuple[int, ...]:
     return tuple(sizes) + (limit,)
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Serving limits and the padded shapes ("buckets") the step is compiled for.
@@ -295,6 +298,7 @@ class EngineConfig:
     kv_cache_memory: str = "256MiB"
     program_cache: str = ""  # directory of serialized step programs (see jinfer.step_programs); "": trace every start
     kernels: str = "auto"  # hot ops: auto | reference | pallas | interpret (see jinfer.ops.backend)
+    kv_cache_dtype: str = "auto"  # KV page pool: auto (the model's dtype) | int8 (per token-and-head scales, see jinfer.cache)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "page_size"):
@@ -306,6 +310,8 @@ class EngineConfig:
                 "so that every running sequence can decode in one step"
             )
         check_kernel_mode(self.kernels)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES} ('auto': the model's dtype)")
 
     @property
     def max_pages_per_seq(self) -> int:

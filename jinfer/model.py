@@ -18,14 +18,14 @@ from jax.sharding import Mesh
 
 from jinfer import config as config_lib
 from jinfer import sharding
-from jinfer.checkpoint import model_cache, orbax_io
+from jinfer.checkpoint import gguf_quant, model_cache, orbax_io
 from jinfer.checkpoint.gguf import GGUFCheckpoint
 from jinfer.checkpoint.safetensors_dir import SafetensorsCheckpoint
 from jinfer.checkpoint.weights import load_params
 from jinfer.models.transformer import Transformer
 from jinfer.ops.attention import FullSequenceAttention
 from jinfer.quantize import check_mode as check_quantize_mode
-from jinfer.quantize import quantize_params
+from jinfer.quantize import GGUF, abstract_quantized_params, quantize_params
 from jinfer.tokenizer import Tokenizer
 
 GREEDY_BUCKET = 64
@@ -59,11 +59,12 @@ def init_params(config: config_lib.ModelConfig, dtype=jnp.float32, seed: int = 0
     return nn.unbox(module.init(jax.random.key(seed), tokens, tokens, FullSequenceAttention())["params"])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def full_forward(params, tokens, *, config, dtype):
-    """tokens: [B, S] int32 -> float32 logits [B, S, vocab], every sequence starting at position 0."""
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "kv_cache_dtype"))
+def full_forward(params, tokens, *, config, dtype, kv_cache_dtype: str = "auto"):
+    """tokens: [B, S] int32 -> float32 logits [B, S, vocab], every sequence starting at position 0.
+    `kv_cache_dtype="int8"`: K/V rounded as the int8 KV cache stores them (FullSequenceAttention)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _ = Transformer(config, dtype).apply({"params": params}, tokens, positions, FullSequenceAttention())
+    logits, _ = Transformer(config, dtype).apply({"params": params}, tokens, positions, FullSequenceAttention(kv_cache_dtype))
     return logits
 
 
@@ -180,15 +181,58 @@ def load(
 
     With `cache`, a GGUF file is decoded once and kept in the model cache (see `checkpoint.model_cache`).
     `quantize` ("int8" or "int4", with `group_size`) quantizes the linear layers' weights after loading
-    (see `jinfer.quantize`); the embedding stays in `dtype`.
+    (see `jinfer.quantize`); the embedding stays in `dtype`. `quantize="gguf"` keeps a GGUF file's
+    quantized linear weights as stored (`checkpoint.gguf_quant`: Q4_1 stays 4-bit, no float detour).
+    A quantized jinfer checkpoint (`jinfer convert --quantize=...`) restores its layouts directly;
+    `quantize`, if given, must then name the mode it was made with.
     """
     check_quantize_mode(quantize, group_size)
     if quantize is not None and mesh is not None:
         raise ValueError(f"quantize={quantize!r} on a mesh is not supported yet: load it on one device (mesh=None)")
+    path = pathlib.Path(path_or_preset).expanduser()
+    if path.is_dir() and orbax_io.is_orbax_checkpoint(path) and orbax_io.read_quantization(path) is not None:
+        return _load_quantized_checkpoint(path, dtype, mesh, quantize, group_size)
+    if quantize == GGUF:
+        return _load_gguf_as_shipped(path, dtype)
     model = _load_float(path_or_preset, dtype, mesh, seed, cache)
     if quantize is None:
         return model
     return dataclasses.replace(model, params=quantize_params(model.params, quantize, group_size))
+
+
+def _load_quantized_checkpoint(path: pathlib.Path, dtype: Any, mesh: Mesh | None, quantize: str | None, group_size: int | None) -> Model:
+    """A checkpoint written by `jinfer convert --quantize=...`: its layouts restored as stored."""
+    record = orbax_io.read_quantization(path)
+    if quantize is not None and (quantize, group_size) != (record["mode"], record["group_size"]):
+        raise ValueError(
+            f"{str(path)!r} holds weights quantized with quantize={record['mode']!r}, group_size={record['group_size']}; "
+            f"it cannot be loaded with quantize={quantize!r}, group_size={group_size} (convert the float source again)"
+        )
+    if mesh is not None:
+        raise ValueError(f"{str(path)!r} is quantized ({record['mode']}); quantized weights on a mesh are not supported yet (mesh=None)")
+    dtype = resolve_dtype(dtype)
+    start = time.perf_counter()
+    config = orbax_io.read_config(path)
+    abstract = abstract_quantized_params(nn.unbox(abstract_params(config, dtype)), record)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = orbax_io.restore(path, abstract, jax.tree.map(lambda _: device, abstract))
+    logging.info("loaded %s (%s, %s weights) in %.2f s", path, config.architecture, record["mode"], time.perf_counter() - start)
+    return Model(config, params, _tokenizer_for(path, None), dtype, None)
+
+
+def _load_gguf_as_shipped(path: pathlib.Path, dtype: Any) -> Model:
+    """A GGUF file whose quantized linear weights stay in their int8 / int4 layouts (not cached)."""
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ValueError(f"quantize='gguf' keeps a GGUF file's quantized weights; {str(path)!r} is not a .gguf file")
+    dtype = resolve_dtype(dtype)
+    start = time.perf_counter()
+    source = GGUFCheckpoint(path)
+    config = config_lib.from_hf_config(source.hf_config(), source=str(path))
+    annotated = abstract_params(config, dtype)
+    place = _placer(param_shardings(annotated, None))
+    params = load_params(source, annotated, config, place, source_name=str(path), read_quantized=gguf_quant.as_shipped_reader(source))
+    logging.info("loaded %s (%s, GGUF weights as stored) in %.2f s", path, config.architecture, time.perf_counter() - start)
+    return Model(config, params, _tokenizer_for(path, source), dtype, None)
 
 
 def _load_float(path_or_preset: str | os.PathLike, dtype: Any, mesh: Mesh | None, seed: int, cache: bool) -> Model:

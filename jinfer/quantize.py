@@ -1,22 +1,36 @@
-"""Weight-only quantization of a loaded model's linear layers (int8 per channel or grouped, int4 grouped).
+"""Weight-only quantization of a model's linear layers (int8 per channel or grouped, int4 grouped),
+and the record of a quantized parameter tree that a quantized checkpoint keeps beside its arrays.
 
 Each quantized kernel replaces its float `[*out, *in]` array in the parameter tree by an
 `Int8Weights` / `Int4Weights` of the 2-D `[fan_out, fan_in]` matrix the layer multiplies by
 (pallas_kernels/quantized_matmul/layout.py); `Linear` runs those through `jinfer.ops.matmul`.
 The embedding (and with it a tied LM head), norms, biases and MoE experts stay in float.
+
+Modes: "int8" and "int4" quantize float weights after loading; "gguf" keeps a GGUF file's
+quantized blocks as they are (`jinfer.checkpoint.gguf_quant`), with no float detour; "w8a8" stores
+int8 weights with one scale per output channel as `DynamicInt8Weights`, whose XLA matmul also
+quantizes the activations, per row, to int8 and multiplies int8 x int8 into int32
+(`jinfer.ops.matmul`): XLA:CPU hands that product to its int8 GEMM, several times faster than the
+dequantize-then-float-dot of weight-only int8. It changes the model's outputs (the activations
+are rounded), which the perplexity table measures.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
-from pallas_kernels.quantized_matmul import quantize_int4, quantize_int8
+from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights, quantize_int4, quantize_int8
 
-MODES = ("int8", "int4")
+GGUF = "gguf"
+W8A8 = "w8a8"
+MODES = ("int8", "int4", GGUF, W8A8)
+GROUP_SIZES = (32, 64, 128)
 # Linear layers whose kernel has more than one input axis: o_proj contracts (heads, head_dim).
 INPUT_AXES = {"o_proj": 2}
 QUANTIZED_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -28,33 +42,141 @@ def check_mode(mode: str | None, group_size: int | None) -> None:
         raise ValueError(f"quantize={mode!r} is not one of {MODES}")
     if mode == "int4" and group_size is None:
         raise ValueError("int4 quantization needs a group_size (32, 64 or 128)")
-    if group_size is not None and group_size not in (32, 64, 128):
+    if mode == GGUF and group_size is not None:
+        raise ValueError(f"quantize='gguf' keeps the file's own groups; group_size={group_size} does not apply")
+    if mode == W8A8 and group_size is not None:
+        raise ValueError(f"quantize='w8a8' has one scale per output channel; group_size={group_size} does not apply")
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} must be 32, 64 or 128")
+
+
+def is_quantizable(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (e.g. ('layer_0', 'attn', 'q_proj', 'kernel')) is a linear
+    kernel that the quantized modes store as int8 / int4."""
+    return len(path) >= 2 and path[-1] == "kernel" and path[-2] in QUANTIZED_LAYERS and "experts" not in path
+
+
+def matrix_shape(path: tuple[str, ...], kernel_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The [fan_out, fan_in] matrix a linear kernel of shape [*out, *in] is multiplied as."""
+    input_axes = INPUT_AXES.get(path[-2], 1)
+    return math.prod(kernel_shape[:-input_axes]), math.prod(kernel_shape[-input_axes:])
 
 
 def quantize_params(params, mode: str, group_size: int | None = None):
     """params: a float parameter tree -> the same tree with every linear kernel quantized.
 
     int8 uses one scale per output channel unless `group_size` is given; int4 is asymmetric (a scale
-    and a min per group of `group_size`, as GGUF's Q4_1), which keeps a lopsided group's range. A group size that does not divide a layer's input raises ValueError
-    naming the layer.
+    and a min per group of `group_size`, as GGUF's Q4_1), which keeps a lopsided group's range. A
+    group size that does not divide a layer's input raises ValueError naming the layer.
     """
     check_mode(mode, group_size)
+    if mode == GGUF:
+        raise ValueError("quantize='gguf' reads a GGUF file's quantized blocks as stored; it cannot quantize float weights")
     flat = traverse_util.flatten_dict(params)
     for path, kernel in flat.items():
-        layer = path[-2] if len(path) >= 2 else ""
-        if path[-1] != "kernel" or layer not in QUANTIZED_LAYERS or "experts" in path:
-            continue
-        flat[path] = _quantized(kernel, INPUT_AXES.get(layer, 1), mode, group_size, "/".join(path))
+        if is_quantizable(path):
+            flat[path] = _quantized(kernel, matrix_shape(path, kernel.shape), mode, group_size, "/".join(path))
     return traverse_util.unflatten_dict(flat)
 
 
-def _quantized(kernel, input_axes: int, mode: str, group_size: int | None, name: str):
-    """kernel: [*out, *in] float -> Int8Weights / Int4Weights of the [fan_out, fan_in] matrix."""
-    fan_in = math.prod(kernel.shape[-input_axes:])
-    matrix = jnp.asarray(kernel, jnp.float32).reshape(-1, fan_in)
-    if group_size is not None and fan_in % group_size:
-        raise ValueError(f"{name}: group_size={group_size} does not divide its {fan_in} input features")
+def _quantized(kernel, shape: tuple[int, int], mode: str, group_size: int | None, name: str):
+    """kernel: [*out, *in] float -> Int8Weights / Int4Weights of the `shape` = [fan_out, fan_in] matrix."""
+    matrix = jnp.asarray(kernel, jnp.float32).reshape(shape)
+    if group_size is not None and shape[1] % group_size:
+        raise ValueError(f"{name}: group_size={group_size} does not divide its {shape[1]} input features")
     if mode == "int8":
         return jax.jit(quantize_int8, static_argnums=1)(matrix, group_size)
+    if mode == W8A8:
+        weights = jax.jit(quantize_int8)(matrix)
+        return DynamicInt8Weights(values=weights.values, scales=weights.scales)
     return jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, False)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DynamicInt8Weights(Int8Weights):
+    """Int8Weights with one scale per output channel (`scales` [N, 1]) whose XLA matmul quantizes the
+    activations too (quantize="w8a8"); the Pallas kernels multiply them as plain int8 weights."""
+
+
+def is_quantized(leaf) -> bool:
+    return isinstance(leaf, (Int8Weights, Int4Weights))
+
+
+def describe(weights: QuantizedWeights) -> dict:
+    """The record of one quantized kernel: {"layout": "int8"} or {"layout": "int4", "symmetric": bool},
+    with its "group_size" (None: int8 with one scale per output channel)."""
+    if isinstance(weights, DynamicInt8Weights):
+        return {"layout": "int8", "group_size": None, "activations": "int8"}
+    if isinstance(weights, Int8Weights):
+        per_channel = weights.scales.shape[1] == 1
+        return {"layout": "int8", "group_size": None if per_channel else weights.group_size}
+    return {"layout": "int4", "group_size": weights.group_size, "symmetric": weights.symmetric}
+
+
+def quantization_record(params, mode: str, group_size: int | None) -> dict:
+    """What a quantized checkpoint stores in its config.json: the mode it was made with and each
+    quantized kernel's layout, by parameter path ("layer_0/attn/q_proj/kernel")."""
+    flat = traverse_util.flatten_dict(params)
+    tensors = {"/".join(path): describe(leaf) for path, leaf in flat.items() if is_quantized(leaf)}
+    return {"mode": mode, "group_size": group_size, "tensors": tensors}
+
+
+def _abstract_layout(name: str, shape: tuple[int, int], entry: dict):
+    """ShapeDtypeStructs of the layout `entry` (from `describe`) of a [N, K] = `shape` matrix."""
+    rows, cols = shape
+    group = entry.get("group_size")
+    if group is None and entry.get("layout") == "int8":  # one scale per output channel
+        group = cols
+    if not isinstance(group, int) or group <= 0 or cols % group:
+        raise ValueError(f"{name}: the checkpoint records group_size={group!r}, which does not divide its {cols} input features")
+    scales = jax.ShapeDtypeStruct((rows, cols // group), jnp.float32)
+    if entry.get("layout") == "int8":
+        layout = DynamicInt8Weights if entry.get("activations") == "int8" else Int8Weights
+        return layout(values=jax.ShapeDtypeStruct(shape, jnp.int8), scales=scales)
+    if entry.get("layout") == "int4":
+        if cols % 2:
+            raise ValueError(f"{name}: int4 weights need an even number of input features, the config gives {cols}")
+        mins = None if entry.get("symmetric") else scales
+        return Int4Weights(packed=jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8), scales=scales, mins=mins)
+    raise ValueError(f"{name}: the checkpoint records layout {entry.get('layout')!r}; expected 'int8' or 'int4'")
+
+
+def abstract_quantized_params(abstract_params, record: dict):
+    """abstract_params: the float model's ShapeDtypeStruct tree (unboxed) -> the tree a checkpoint
+    with `record` (from `quantization_record`) holds: recorded kernels as layouts of ShapeDtypeStructs.
+
+    Raises ValueError naming the tensor when the record names a parameter the model does not have
+    or one that is not a linear kernel.
+    """
+    flat = traverse_util.flatten_dict(abstract_params)
+    by_name = {"/".join(path): path for path in flat}
+    for name, entry in record["tensors"].items():
+        path = by_name.get(name)
+        if path is None or not is_quantizable(path):
+            raise ValueError(f"the checkpoint records quantized tensor {name!r}, which is not a linear kernel of this model's config")
+        flat[path] = _abstract_layout(name, matrix_shape(path, flat[path].shape), entry)
+    return traverse_util.unflatten_dict(flat)
+
+
+def parameter_bytes(abstract_params) -> int:
+    """Bytes of a parameter tree (arrays or ShapeDtypeStructs, quantized layouts included)."""
+    return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract_params))
+
+
+def abstract_quantized_like(abstract_params, mode: str | None, group_size: int | None = None):
+    """The ShapeDtypeStruct tree of the float `abstract_params` (e.g. from `jax.eval_shape`) quantized
+    in `mode` (None: as is), from shapes alone: nothing is allocated or traced, so it serves models
+    of any size."""
+    if mode is None:
+        return abstract_params
+    check_mode(mode, group_size)
+    if mode == GGUF:
+        raise ValueError("quantize='gguf' layouts come from the file's tensor types; load the file to see them")
+    entry = {
+        "int8": {"layout": "int8", "group_size": group_size},
+        W8A8: {"layout": "int8", "group_size": None, "activations": "int8"},
+        "int4": {"layout": "int4", "group_size": group_size, "symmetric": False},
+    }[mode]
+    paths = [path for path in traverse_util.flatten_dict(abstract_params) if is_quantizable(path)]
+    return abstract_quantized_params(abstract_params, {"tensors": {"/".join(path): entry for path in paths}})

@@ -226,6 +226,20 @@ def _first_index_of(hits):
 
 def _draw(logits, batch: SamplingBatch):
     """Temperature, the three filters, then one categorical draw per row. logits: [B, V] -> [B] int32."""
+    scaled, cutoff = _scaled_and_cutoff(logits, batch)
+    return _two_stage_gumbel(scaled, cutoff, batch.keys)
+
+
+def filtered_probs(logits, batch: SamplingBatch):
+    """The distribution a sampled row draws from: softmax of the temperature-scaled logits over the
+    tokens top-k, top-p and min-p keep. logits: [B, V] float32 -> [B, V] float32 (greedy rows:
+    temperature 1, filtered)."""
+    scaled, cutoff = _scaled_and_cutoff(logits, batch)
+    return jax.nn.softmax(jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf), axis=-1)
+
+
+def _scaled_and_cutoff(logits, batch: SamplingBatch):
+    """logits: [B, V] -> (temperature-scaled logits [B, V], the lowest scaled logit each row keeps [B])."""
     temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
     scaled = logits / temperature[:, None]
     filtered = (batch.top_k > 0) | (batch.top_p < 1) | (batch.min_p > 0)
@@ -234,7 +248,7 @@ def _draw(logits, batch: SamplingBatch):
         lambda: _cutoff(scaled, batch),
         lambda: jnp.full(temperature.shape, -jnp.inf),
     )
-    return _two_stage_gumbel(scaled, cutoff, batch.keys)
+    return scaled, cutoff
 
 
 def _cutoff(x, batch: SamplingBatch):

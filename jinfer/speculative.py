@@ -27,40 +27,59 @@ import jax.numpy as jnp
 import numpy as np
 
 METHODS = ("ngram", "draft", "self")
+MAX_NUM_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
     """method: "ngram" (prompt lookup), "draft" (a smaller model sharing the tokenizer) or "self"
-    (the target's first layers + its LM head); num_tokens: k, drafts per pass."""
+    (the target's first `self_layers` layers + its final norm and LM head); num_tokens: k, the most
+    drafts per pass (1 to MAX_NUM_TOKENS). A request whose running acceptance (see
+    `jinfer.engine.speculation`) falls below `min_acceptance` decodes plainly for a while."""
 
     method: str = "ngram"
     num_tokens: int = 4
     draft_model: str | None = None
     max_ngram: int = 3
     min_ngram: int = 1
+    self_layers: int | None = None  # None: a quarter of the target's layers (at least 1)
+    min_acceptance: float = 0.3
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"speculative method {self.method!r} is not one of {METHODS}")
-        if not 1 <= self.num_tokens <= 16:
-            raise ValueError(f"num_tokens={self.num_tokens} must be between 1 and 16")
+        if not isinstance(self.num_tokens, int) or not 1 <= self.num_tokens <= MAX_NUM_TOKENS:
+            raise ValueError(f"num_tokens={self.num_tokens!r} must be an int between 1 and {MAX_NUM_TOKENS}")
         if (self.method == "draft") != (self.draft_model is not None):
             raise ValueError(f"draft_model={self.draft_model!r} must be given exactly when method is 'draft' (got {self.method!r})")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"n-gram sizes min_ngram={self.min_ngram}, max_ngram={self.max_ngram} need 1 <= min <= max")
+        if self.self_layers is not None and self.self_layers < 1:
+            raise ValueError(f"self_layers={self.self_layers} must be at least 1")
+        if not 0 <= self.min_acceptance <= 1:
+            raise ValueError(f"min_acceptance={self.min_acceptance} must be in [0, 1]")
+
+    def draft_layers(self, num_layers: int) -> int:
+        """How many of a `num_layers`-layer target's layers the self drafter runs; ValueError if too many."""
+        layers = self.self_layers if self.self_layers is not None else max(1, num_layers // 4)
+        if layers > num_layers:
+            raise ValueError(f"self_layers={layers} exceeds the target's {num_layers} layers")
+        return layers
 
 
 def propose_ngram(token_ids: Sequence[int], num_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Prompt lookup: the tokens that followed the latest earlier occurrence of the longest suffix
-    (of max_ngram down to min_ngram tokens) of `token_ids`; [] when no suffix recurs."""
+    (of max_ngram down to min_ngram tokens) of `token_ids`; [] when no suffix recurs. A continuation
+    that runs into the end of the sequence goes on with the tokens it proposed (the copy overlaps
+    itself, as in LZ77), so a repeating pattern proposes all `num_tokens`."""
     ids = np.asarray(token_ids, np.int64)
     for n in range(min(max_ngram, len(ids) - 1), min_ngram - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # every n-gram that has a successor
         matches = np.flatnonzero((windows == ids[-n:]).all(axis=1))
         if matches.size:
             start = int(matches[-1]) + n
-            return ids[start : start + num_tokens].tolist()
+            period = len(ids) - start
+            return [int(ids[start + i % period]) for i in range(num_tokens)]
     return []
 
 

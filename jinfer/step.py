@@ -46,7 +46,7 @@ class StepOutput:
     logits: jax.Array  # [R, V] float32 logits each row sampled from (after penalties)
 
 
-def _penalised(logits, batch: StepBatch):
+def penalised(logits, batch: StepBatch):
     """logits: [R, V] -> penalised logits; a no-op shape-wise when the batch carries no history."""
     if batch.history.shape[1] == 0:
         return logits
@@ -63,5 +63,5 @@ def step(params, kv_cache, batch: StepBatch, *, config: ModelConfig, dtype):
         logits, kv_cache = Transformer(config, dtype).apply(
             {"params": params}, batch.tokens, batch.positions, backend, kv_cache, logits_index=batch.logits_index
         )
-    logits = _penalised(logits, batch)
+    logits = penalised(logits, batch)
     return kv_cache, StepOutput(sample(logits, batch.sampling, MAX_LOGPROBS), logits)

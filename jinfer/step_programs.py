@@ -26,9 +26,18 @@ from jax import export
 from jinfer.config import ModelConfig
 from jinfer.sampling import SampleResult
 from jinfer.source_digest import source_digest
+from jinfer.speculative_step import SpeculativeBatch, SpeculativeOutput, speculative_step
 from jinfer.step import StepOutput, step
 
-_OUTPUT_TREE = jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0))
+_OUTPUT_TREES = {
+    False: jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0)),
+    True: jax.tree.structure(SpeculativeOutput(0, 0, 0, 0, 0)),
+}
+
+
+def step_function(batch):
+    """The jitted program a batch runs: `speculative_step` for a SpeculativeBatch, else `step`."""
+    return speculative_step if isinstance(batch, SpeculativeBatch) else step
 
 
 def _signature(leaves) -> str:
@@ -41,14 +50,15 @@ def _single_device(leaves) -> bool:
 
 
 class JitStep:
-    """The step jitted in this process (no program directory): `step(params, kv_cache, batch)`."""
+    """The step jitted in this process (no program directory): `step(params, kv_cache, batch)`, or
+    `speculative_step` for a SpeculativeBatch."""
 
     def __init__(self, config: ModelConfig, dtype):
         self.config = config
         self.dtype = dtype
 
     def __call__(self, params, kv_cache, batch):
-        return step(params, kv_cache, batch, config=self.config, dtype=self.dtype)
+        return step_function(batch)(params, kv_cache, batch, config=self.config, dtype=self.dtype)
 
     def temp_bytes(self, params, kv_cache, batch) -> int | None:
         """XLA's temporaries of the compiled step for these (possibly abstract) inputs; None if unreported."""
@@ -74,12 +84,13 @@ class StepPrograms:
         self._jit_step = JitStep(config, dtype)
 
     def __call__(self, params, kv_cache, batch):
-        """params, kv_cache: pytrees of arrays; batch: a StepBatch -> (kv_cache, StepOutput)."""
+        """params, kv_cache: pytrees of arrays; batch: a StepBatch or SpeculativeBatch -> (kv_cache, its output)."""
         leaves, trees = self._flatten(params, kv_cache, batch)
         if not _single_device(leaves[0] + leaves[1]):
             return self._jit_step(params, kv_cache, batch)
         cache_leaves, output_leaves = self._call_for(leaves, trees)(*leaves)
-        return jax.tree.unflatten(trees[1], cache_leaves), jax.tree.unflatten(_OUTPUT_TREE, output_leaves)
+        output_tree = _OUTPUT_TREES[isinstance(batch, SpeculativeBatch)]
+        return jax.tree.unflatten(trees[1], cache_leaves), jax.tree.unflatten(output_tree, output_leaves)
 
     def temp_bytes(self, params, kv_cache, batch) -> int | None:
         """Like `JitStep.temp_bytes`, remembered beside the program: a warm start compiles nothing for it."""
@@ -125,10 +136,11 @@ class StepPrograms:
         params_tree, cache_tree, batch_tree = trees
 
         def flat_step(params_leaves, cache_leaves, batch_leaves):
-            kv_cache, output = step(
+            batch = jax.tree.unflatten(batch_tree, batch_leaves)
+            kv_cache, output = step_function(batch)(
                 jax.tree.unflatten(params_tree, params_leaves),
                 jax.tree.unflatten(cache_tree, cache_leaves),
-                jax.tree.unflatten(batch_tree, batch_leaves),
+                batch,
                 config=self.config,
                 dtype=self.dtype,
             )

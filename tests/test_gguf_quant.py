@@ -6,6 +6,8 @@ dequantize to exactly its float32 bits, eagerly and under jit. Blocks come from 
 (the Q/K row un-permutation), by hand (the half-split packing) and from the real SmolLM2 file.
 """
 
+import functools
+
 import gguf
 import jax
 import numpy as np
@@ -13,9 +15,11 @@ import pytest
 import transformers
 from gguf_fixtures import llama_cpp_permute, write_gguf
 
+import jinfer
 from jinfer.checkpoint.gguf import GGUFCheckpoint
 from jinfer.checkpoint.gguf_quant import SUPPORTED_TYPES, decode_blocks, quantized_tensor
 from pallas_kernels.quantized_matmul.layout import Int4Weights, Int8Weights, dequantize
+from pallas_kernels.testing import assert_close
 
 Q = gguf.GGMLQuantizationType
 
@@ -142,6 +146,30 @@ def test_unsupported_quantized_type_names_tensor_and_type(tmp_path):
         quantized_tensor(checkpoint, "model.layers.0.mlp.up_proj.weight")
     with pytest.raises(ValueError, match=r"model\.norm\.weight .* F32"):
         quantized_tensor(checkpoint, "model.norm.weight")
+
+
+@pytest.mark.parametrize("qtype, layout", [(Q.Q8_0, Int8Weights), (Q.Q4_0, Int4Weights)], ids=lambda q: getattr(q, "name", ""))
+def test_gguf_mode_loads_the_blocks_as_stored(qtype, layout, tmp_path):
+    """jinfer.load(quantize="gguf") keeps every linear weight in its layout, dequantizing to gguf's
+    values, and computes what the float load of the same file computes."""
+    config, state_dict = tiny_llama()
+    write_gguf(tmp_path / "model.gguf", "llama", config, state_dict, qtype=qtype)
+    model = jinfer.load(tmp_path / "model.gguf", quantize="gguf")
+    checkpoint = GGUFCheckpoint(tmp_path / "model.gguf")
+    for path, hf_name in [(("layer_0", "attn", "q_proj"), "model.layers.0.self_attn.q_proj.weight"), (("lm_head",), "lm_head.weight")]:
+        weights = functools.reduce(lambda tree, key: tree[key], path, model.params)["kernel"]
+        assert type(weights) is layout, hf_name
+        assert_same_bits(dequantize(weights), checkpoint.tensor(hf_name), err_msg=hf_name)
+    assert model.params["embedding"].dtype == np.float32
+    tokens = np.arange(12).reshape(2, 6)
+    assert_close(model.logits(tokens), jinfer.load(tmp_path / "model.gguf", cache=False).logits(tokens))
+
+
+def test_gguf_mode_names_a_tensor_of_an_unsupported_type(tmp_path):
+    config, state_dict = tiny_llama()
+    write_gguf(tmp_path / "model.gguf", "llama", config, state_dict, qtype=Q.Q5_1)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight is stored as GGUF type Q5_1"):
+        jinfer.load(tmp_path / "model.gguf", quantize="gguf")
 
 
 def test_decode_blocks_rejects_bad_input():

@@ -16,6 +16,7 @@ from jinfer.engine.batch import padding_batch
 from jinfer.model import init_params
 from jinfer.ops import backend, moe
 from jinfer.ops.matmul import quantized_matmul
+from jinfer.quantize import DynamicInt8Weights
 from jinfer.step import step
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.testing import assert_close
@@ -134,3 +135,20 @@ def test_quantized_matmul_names_bad_weights_on_every_path():
     for kernels in ("reference", "interpret"):
         with pytest.raises(ValueError, match="x has K = 48"):
             quantized_matmul(jnp.zeros((3, 48)), weights, kernels=kernels)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_dynamic_matmul_quantizes_each_row_of_activations(rows):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(rows, 64)).astype(np.float32)  # [M, K]
+    values = rng.integers(-127, 128, (32, 64)).astype(np.int8)  # [N, K]
+    scales = rng.uniform(0.001, 0.01, (32, 1)).astype(np.float32)  # [N, 1]
+    weights = DynamicInt8Weights(jnp.asarray(values), jnp.asarray(scales))
+    x_scales = np.abs(x).max(axis=1, keepdims=True) / 127  # [M, 1]
+    x_codes = np.round(x / x_scales)  # [M, K], |code| <= 127
+    expected = (x_codes @ values.T.astype(np.float64)) * x_scales * scales[:, 0]
+    got = jax.jit(functools.partial(quantized_matmul, kernels="reference"))(x, weights)
+    assert_close(got, expected)
+    exact = x.astype(np.float64) @ (values * scales).T.astype(np.float64)
+    assert_close(got, exact, atol=0.02 * np.abs(exact).max())
+    assert not np.allclose(got, exact, rtol=0, atol=1e-5)

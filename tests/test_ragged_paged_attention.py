@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.ops.attention import LayerAttention, paged_attention_reference
+from jinfer.ops.attention import LayerAttention, PagedAttention, paged_attention_reference
 from pallas_kernels.ragged_paged_attention import kernel
 from pallas_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention_reference,
@@ -145,12 +145,23 @@ def test_reference_window_and_softcap_by_hand():
     np.testing.assert_allclose(np.asarray(out)[0, 0], weights @ values[1:], rtol=1e-6)
 
 
-@pytest.mark.parametrize("window, softcap", [(0, None), (6, 30.0)])
-def test_reference_matches_the_engine_path(window, softcap):
+def one_prefill_row(page_size, pages_per_row):
+    return [(page_size * pages_per_row - 5, page_size * pages_per_row)]
+
+
+@pytest.mark.parametrize("window, softcap, int8", [(0, None, False), (6, 30.0, False), (6, 30.0, True)])
+@pytest.mark.parametrize(
+    "rows, num_tokens",
+    [(mixed_rows, 40), (decode_rows, 8), (one_prefill_row, 32)],
+    ids=["mixed-tiles_of_5", "decodes-tiles_of_1", "one_prefill-one_tile"],
+)
+def test_reference_matches_the_engine_path(window, softcap, rows, num_tokens, int8):
+    """The engine's path cuts the tokens into tiles of T / R (5, 1 and 32 here); the plain reference does not.
+    With int8 pages the engine's path dequantizes what it gathers (NaN scales on unused slots)."""
     page_size, pages_per_row = 8, 4
     batch = make_batch(
-        mixed_rows(page_size, pages_per_row), num_tokens=40, heads=4, kv_heads=2, head_dim=16,
-        page_size=page_size, pages_per_row=pages_per_row, dtype=np.float32,
+        rows(page_size, pages_per_row), num_tokens=num_tokens, heads=4, kv_heads=2, head_dim=16,
+        page_size=page_size, pages_per_row=pages_per_row, dtype=np.float32, int8=int8,
     )
     real = int(batch.query_start[-1])
     token_rows = np.repeat(np.arange(len(batch.kv_lens)), np.diff(batch.query_start)).astype(np.int32)
@@ -158,14 +169,53 @@ def test_reference_matches_the_engine_path(window, softcap):
     positions = batch.kv_lens[token_rows] - q_lens + (np.arange(real) - batch.query_start[token_rows])
     layer = LayerAttention(scale=0.25, window=window, softcap=softcap)
     q, k_pages, v_pages, kv_lens, page_table, query_start = batch.args()
-    engine = jax.jit(paged_attention_reference, static_argnums=6)(
-        q[:real], k_pages, v_pages, jnp.asarray(positions, jnp.int32), jnp.asarray(token_rows), page_table, layer
+    scales = batch.scales()
+    engine = jax.jit(paged_attention_reference, static_argnums=7)(
+        q, k_pages, v_pages, jnp.asarray(np.pad(positions, (0, len(q) - real)), jnp.int32), query_start, kv_lens, page_table, layer,
+        scales.get("k_scales"), scales.get("v_scales"),
     )
     ours = REFERENCE(
-        q, k_pages, v_pages, kv_lens, page_table, query_start, scale=0.25, window=window, softcap=softcap
+        q, k_pages, v_pages, kv_lens, page_table, query_start, scale=0.25, window=window, softcap=softcap, **scales
     )
-    assert_close(np.asarray(ours)[:real], np.asarray(engine))
-    assert np.all(np.asarray(ours)[real:] == 0.0)
+    assert_close(np.asarray(ours), np.asarray(engine))
+    assert np.all(np.asarray(engine)[real:] == 0.0)
+
+
+def test_the_engine_paths_write_and_attend_alike_with_int8_pages():
+    """PagedAttention on an int8 pool: the XLA path (write_kv_int8 + the engine's reference) and the
+    Pallas path (interpret mode) store the same codes and scales and give the same outputs."""
+    page_size, pages_per_row = 8, 4
+    batch = make_batch(
+        mixed_rows(page_size, pages_per_row), num_tokens=40, heads=4, kv_heads=2, head_dim=16,
+        page_size=page_size, pages_per_row=pages_per_row, dtype=np.float32, int8=True,
+    )
+    real = int(batch.query_start[-1])
+    token_rows = np.repeat(np.arange(len(batch.kv_lens)), np.diff(batch.query_start)).astype(np.int32)
+    q_lens = np.diff(batch.query_start)[token_rows]
+    positions = batch.kv_lens[token_rows] - q_lens + (np.arange(real) - batch.query_start[token_rows])
+    slots = batch.page_table[token_rows, positions // page_size] * page_size + positions % page_size
+    pad = (0, len(batch.q) - real)  # padding tokens: row 0, position 0, the null page's slot 0
+    rng = np.random.default_rng(1)
+    new_k, new_v = (jnp.asarray(rng.normal(size=(len(batch.q), 2, 16)), jnp.float32) for _ in range(2))
+    cache = {"k": batch.k_pages, "v": batch.v_pages, "k_scale": batch.k_scales, "v_scale": batch.v_scales}
+    layer = LayerAttention(scale=0.25)
+
+    def run(kernels):
+        backend = PagedAttention(
+            *(jnp.asarray(np.pad(a, pad), jnp.int32) for a in (token_rows, slots)),
+            jnp.asarray(batch.page_table), jnp.asarray(batch.kv_lens), jnp.asarray(batch.query_start), kernels=kernels,
+        )
+        call = lambda q, k, v, p, c: backend(q, k, v, p, c, layer)  # noqa: E731
+        args = (jnp.asarray(batch.q), new_k, new_v, jnp.asarray(np.pad(positions, pad), jnp.int32), jax.tree.map(jnp.asarray, cache))
+        out, written = compile_once(call, *args)(*args)
+        return np.asarray(out), jax.tree.map(lambda a: np.asarray(a)[1:], written)  # page 0: padding's undefined writes
+
+    reference_out, reference_cache = run("reference")
+    kernel_out, kernel_cache = run("interpret")
+    assert_close(kernel_out[:real], reference_out[:real])
+    for name in ("k", "v", "k_scale", "v_scale"):
+        np.testing.assert_array_equal(kernel_cache[name], reference_cache[name], err_msg=name)
+    assert not np.array_equal(reference_cache["k"], batch.k_pages[1:]), "nothing was written"
 
 
 # ----------------------------------------------------------------------------- kernels against the reference

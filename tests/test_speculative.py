@@ -24,7 +24,8 @@ P_VALUE_FLOOR = 1e-4  # a correct rule fails this one time in 10^4; the seeds ar
         ([5, 1, 2, 9, 7, 1, 2, 8, 1, 2], 2, [8, 1]),  # the latest earlier occurrence wins
         ([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], 1, [9]),  # the 3-gram [1, 2, 3] beats the later 2-gram [2, 3]
         ([4, 5, 6, 7], 3, []),  # nothing recurs
-        ([3, 3], 4, [3]),  # the continuation may run into the suffix itself
+        ([3, 3], 4, [3, 3, 3, 3]),  # the continuation runs into the suffix and copies its own proposal
+        ([4, 5, 6, 4, 5], 5, [6, 4, 5, 6, 4]),  # a repeating pattern proposes all k
         ([7], 2, []),
     ],
 )

@@ -147,7 +147,7 @@ def attention_case(name: str, rows: list[tuple[int, int]], shapes: Shapes, dtype
         return tuple(batch[k] for k in keys)
 
     def reference(q, k_pages, v_pages, positions, token_rows, page_table, kv_lens, query_start):
-        return paged_attention_reference(q, k_pages, v_pages, positions, token_rows, page_table, layer)
+        return paged_attention_reference(q, k_pages, v_pages, positions, query_start, kv_lens, page_table, layer)
 
     def kernel(interpret):
         def run(q, k_pages, v_pages, positions, token_rows, page_table, kv_lens, query_start):

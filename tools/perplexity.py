@@ -8,31 +8,25 @@ as `pydoc_data.topics` (the text `help("TYPES")` prints): "The standard type hie
 8,900 SmolLM2 tokens on Python 3.11. Its wording changes a little between Python versions, so
 numbers compare only on the same version; `--text=PATH` reads a UTF-8 file instead.
 
-A mode says how the weights are held and computed: `f32` and `bf16` (weights and activations in
-that dtype).
+A mode says how the weights and the KV cache are held: `f32` and `bf16` (weights and activations in
+that dtype; f32 of the GGUF file is its dequantized weights, the reference), `int8` / `int4-gN`
+(linear weights quantized on load), `gguf` (the file's own quantized blocks, `quantize="gguf"`),
+`w8a8` (int8 weights and dynamically quantized int8 activations), `int8-kv` (K/V rounded as
+the int8 KV cache stores them) and the combinations `int8+int8-kv`, `w8a8+int8-kv`
+(`jinfer.eval.modes`). A mode the model cannot take (a group size that does not divide a layer)
+is reported as refused.
 """
 
 import pathlib
 import time
 
-import jax.numpy as jnp
 from absl import app, flags
 
-import jinfer
 from jinfer.defaults import default_model_path
+from jinfer.eval.modes import MODES, check_modes, load_mode
 from jinfer.eval.perplexity import PerplexityResult, perplexity
 
 PYDOC_PREFIX = "pydoc:"
-# Mode -> the dtype the model is loaded and run in.
-# mode -> jinfer.load keyword arguments
-MODES = {
-    "f32": {"dtype": jnp.float32},
-    "bf16": {"dtype": jnp.bfloat16},
-    "int8": {"dtype": jnp.float32, "quantize": "int8"},
-    "int4-g32": {"dtype": jnp.float32, "quantize": "int4", "group_size": 32},
-    "int4-g64": {"dtype": jnp.float32, "quantize": "int4", "group_size": 64},
-    "int4-g128": {"dtype": jnp.float32, "quantize": "int4", "group_size": 128},
-}
 
 flags.DEFINE_string("model", None, "GGUF file, HF directory or jinfer checkpoint (default: the SmolLM2 GGUF).")
 flags.DEFINE_list("modes", ["f32", "bf16"], f"Modes to evaluate, in order: {', '.join(MODES)}.")
@@ -61,33 +55,41 @@ def read_text(spec: str) -> str:
 
 def evaluate(model_path: pathlib.Path, mode: str, text: str) -> tuple[PerplexityResult, float]:
     """The perplexity of the model loaded in `mode` over `text`, and the seconds it took to score."""
-    model = jinfer.load(model_path, **MODES[mode])
+    model = load_mode(model_path, mode)
     if model.tokenizer is None:
         raise app.UsageError(f"{model_path} has no tokenizer to turn the text into tokens")
     token_ids = model.tokenizer.encode(text)
     if FLAGS.max_tokens:
         token_ids = token_ids[: FLAGS.max_tokens]
     start = time.perf_counter()
-    result = perplexity(model, token_ids, FLAGS.window, FLAGS.stride, FLAGS.batch_size, progress=True)
+    result = perplexity(model, token_ids, FLAGS.window, FLAGS.stride, FLAGS.batch_size, progress=True, kv_cache_dtype=MODES[mode].kv_cache_dtype)
     return result, time.perf_counter() - start
 
 
 def main(argv):
     del argv
-    unknown = [mode for mode in FLAGS.modes if mode not in MODES]
-    if unknown:
-        raise app.UsageError(f"unknown modes {unknown}; supported: {', '.join(MODES)}")
+    try:
+        check_modes(FLAGS.modes)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     model_path = pathlib.Path(FLAGS.model or default_model_path())
     text = read_text(FLAGS.text)
-    rows = [(mode, *evaluate(model_path, mode, text)) for mode in FLAGS.modes]
+    rows = []
+    for mode in FLAGS.modes:
+        try:
+            rows.append((mode, *evaluate(model_path, mode, text)))
+        except ValueError as error:  # a mode the model cannot take (e.g. a group size that does not divide a layer)
+            rows.append((mode, error, 0.0))
     print(f"model {model_path.name}, text {FLAGS.text}, window {FLAGS.window}, stride {FLAGS.stride}")
-    print(f"{'mode':<6} {'tokens':>8} {'NLL (nats)':>12} {'NLL/token':>10} {'perplexity':>11} {'time (s)':>9}")
+    print(f"{'mode':<12} {'tokens':>8} {'NLL (nats)':>12} {'NLL/token':>10} {'perplexity':>11} {'time (s)':>9}")
     for mode, result, seconds in rows:
+        if isinstance(result, ValueError):
+            print(f"{mode:<12} refused: {result}")
+            continue
         print(
-            f"{mode:<6} {result.num_tokens:>8} {result.nll:>12.2f} {result.mean_nll:>10.4f} "
+            f"{mode:<12} {result.num_tokens:>8} {result.nll:>12.2f} {result.mean_nll:>10.4f} "
             f"{result.perplexity:>11.3f} {seconds:>9.1f}"
         )
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from jinfer.checkpoint import orbax_io
 from jinfer.model import Model, load
+from jinfer.quantize import quantization_record
 
 PARITY_PROMPTS = (
     "The capital of France is",
@@ -33,14 +34,25 @@ class ParityRow:
         return self.next_token_source == self.next_token_converted
 
 
-def convert(source: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None) -> Model:
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+) -> Model:
     """Loads `source` tensor by tensor, writes `<output>/params` + config.json + tokenizer files.
 
     With `mesh` the parameters are loaded into that mesh and saved as they lie, each array chunked
     by its shards, so restoring into the same mesh reads every device's shard as one chunk.
+    With `quantize` ("int8", "int4" with `group_size`, or "gguf": a GGUF file's blocks as stored)
+    the quantized layouts are saved, and config.json records them (`quantize.quantization_record`),
+    so `jinfer.load(output)` restores them without quantizing again.
     """
-    model = load(source, dtype=dtype, mesh=mesh)
-    output = orbax_io.save(output, model.params, model.config)
+    model = load(source, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size)
+    record = None if quantize is None else quantization_record(model.params, quantize, group_size)
+    output = orbax_io.save(output, model.params, model.config, record)
     if model.tokenizer is not None:
         model.tokenizer.save(output)
     logging.info("wrote %s", output)

@@ -42,9 +42,12 @@ import jax
 import numpy as np
 
 from jinfer.checkpoint.gguf import _QK_PERMUTED, GGUFCheckpoint, _unpermute_rows
+from jinfer.quantize import is_quantizable
 from pallas_kernels.quantized_matmul.layout import Int4Weights, Int8Weights, QuantizedWeights, pack_int4
 
 Q = gguf.GGMLQuantizationType
+# Stored as plain floats: such a linear weight stays a float kernel in `as_shipped_reader`.
+FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.F64})
 
 # 2-bit shifts that take four 2-bit codes out of a byte, lowest first.
 _CRUMB_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
@@ -246,3 +249,22 @@ def _permuted_heads(checkpoint: GGUFCheckpoint, hf_name: str) -> int | None:
     if hf_name.endswith("k_proj.weight"):
         return checkpoint.metadata[f"{arch}.attention.head_count_kv"]
     return None
+
+
+def as_shipped_reader(checkpoint: GGUFCheckpoint):
+    """The `read_quantized` hook of `checkpoint.weights.load_params` that keeps a GGUF file's
+    quantized linear weights in their int8 / int4 layouts (`jinfer.load(..., quantize="gguf")`).
+
+    Linear kernels stored as floats stay float; any other parameter (embedding, norms) is read as
+    float. A linear weight of a type with no layout raises ValueError naming it and its type.
+    """
+
+    def read(path: tuple[str, ...], hf_name: str, hf_shape: tuple[int, ...]) -> QuantizedWeights | None:
+        if not is_quantizable(path) or Q(checkpoint.raw_tensor(hf_name)[0]) in FLOAT_TYPES:
+            return None
+        weights = quantized_tensor(checkpoint, hf_name)
+        if weights.shape != tuple(hf_shape):
+            raise ValueError(f"{hf_name} has shape {weights.shape} in {checkpoint.path}, expected {tuple(hf_shape)}")
+        return weights
+
+    return read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -11,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jinfer.config import ModelConfig
+from pallas_kernels.quantized_matmul import QuantizedWeights
 
 
 class CheckpointSource(Protocol):
@@ -94,17 +96,26 @@ def load_params(
     place: Callable[[tuple[str, ...], np.ndarray], jax.Array],
     *,
     source_name: str,
+    read_quantized: Callable[[tuple[str, ...], str, tuple[int, ...]], QuantizedWeights | None] | None = None,
 ):
     """Fills `abstract_params` (annotated ShapeDtypeStructs from `eval_shape`) from `source`.
 
     Tensors are read, laid out, cast and placed one at a time by `place(path, array)`, so host
     memory stays near the size of the largest tensor on top of the placed model.
+    `read_quantized(path, hf_name, hf_shape)`, where given, may return a parameter's quantized
+    layout instead (placed leaf by leaf, never read as float); None reads it as float.
     """
     available = set(source.tensor_names())
     flat, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params))
     leaves = []
     for key_path, spec in tqdm(flat, desc=f"loading {source_name}", unit="tensor", leave=False):
         path = _key_names(key_path)
+        quantized = None
+        if read_quantized is not None and not is_stacked_experts(path) and hf_tensor_name(path, config) in available:
+            quantized = read_quantized(path, hf_tensor_name(path, config), hf_shape(path, spec.shape))
+        if quantized is not None:
+            leaves.append(jax.tree.map(functools.partial(place, path), quantized))
+            continue
         if is_stacked_experts(path):
             array = _read_stacked(source, hf_expert_tensor_names(path, config), spec, available, source_name)
         else:

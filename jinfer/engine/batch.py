@@ -7,9 +7,10 @@ import bisect
 import numpy as np
 
 from jinfer.cache import NULL_PAGE, slots_for
-from jinfer.config import EngineConfig
+from jinfer.config import EngineConfig, ModelConfig
 from jinfer.engine.scheduler import Schedule
 from jinfer.sampling import SamplingBatch
+from jinfer.speculative_step import SpeculativeBatch
 from jinfer.step import StepBatch
 
 
@@ -23,6 +24,8 @@ def uses_penalties(params) -> bool:
 
 
 def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
+    """A speculating row's chunk is its last token followed by its drafts (zeros when they are drafted
+    on device), at the next positions; its logits index stays at the last token."""
     rows = schedule.rows
     num_tokens = bucket(config.token_buckets, schedule.num_tokens)
     num_rows = bucket(config.seq_buckets, len(rows))
@@ -46,21 +49,23 @@ def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
     for i, row in enumerate(rows):
         request = row.request
         ids = request.token_ids
-        span = slice(cursor, cursor + row.num_tokens)
-        chunk_positions = np.arange(row.start, row.start + row.num_tokens)
-        tokens[span] = ids[row.start : row.start + row.num_tokens]
+        length = row.num_tokens + row.num_drafts
+        span = slice(cursor, cursor + length)
+        chunk_positions = np.arange(row.start, row.start + length)
+        tokens[cursor : cursor + row.num_tokens] = ids[row.start : row.start + row.num_tokens]
+        tokens[cursor + row.num_tokens : cursor + row.num_tokens + len(row.drafts)] = row.drafts
         positions[span] = chunk_positions
         token_rows[span] = i
         slots[span] = slots_for(np.asarray(request.pages), chunk_positions, page_size)
         page_table[i, : len(request.pages)] = request.pages
-        kv_lens[i] = row.start + row.num_tokens
+        kv_lens[i] = row.start + length
         query_start[i] = cursor
         logits_index[i] = cursor + row.num_tokens - 1
         if history_width and row.samples:
             history[i, : len(ids)] = ids
             prompt_lens[i] = len(request.prompt_ids)
             history_lens[i] = len(ids)
-        cursor += row.num_tokens
+        cursor += length
 
     sampling = SamplingBatch.from_params(
         [row.request.params for row in rows],
@@ -81,6 +86,30 @@ def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
         history_lens=history_lens,
         sampling=sampling,
         kernels=config.kernels,
+    )
+
+
+def speculative_batch(
+    schedule: Schedule, step_batch: StepBatch, width: int, method: str, draft_layers: int = 0, draft_config: ModelConfig | None = None
+) -> SpeculativeBatch:
+    """Wraps a built batch for `speculative_step`: `width` (K) is the static number of draft slots per row;
+    an all-greedy schedule gets the greedy-only program."""
+    num_rows = step_batch.logits_index.shape[0]
+    num_drafts = np.zeros(num_rows, np.int32)
+    draft_tokens = np.zeros((num_rows, width), np.int32)
+    for i, row in enumerate(schedule.rows):
+        num_drafts[i] = row.num_drafts
+        draft_tokens[i, : len(row.drafts)] = row.drafts
+    offsets = np.minimum(np.arange(width + 1)[None, :], num_drafts[:, None])  # [R, K+1]
+    return SpeculativeBatch(
+        step=step_batch,
+        verify_index=(step_batch.logits_index[:, None] + offsets).astype(np.int32),
+        draft_tokens=draft_tokens,
+        num_drafts=num_drafts,
+        method=method,
+        draft_layers=draft_layers,
+        draft_config=draft_config,
+        sampled=any(row.request.params.temperature > 0 for row in schedule.rows),
     )
 
 

@@ -11,15 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, plan_memory, pool_sharding
+from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, kv_dtype, page_bytes, plan_memory, pool_sharding
 from jinfer.config import EngineConfig
-from jinfer.engine.batch import build_batch, padding_batch
+from jinfer.engine.batch import build_batch, padding_batch, speculative_batch
 from jinfer.engine.multihost import StepBroadcast
 from jinfer.engine.page_allocator import PageAllocator
 from jinfer.engine.request import Request
 from jinfer.engine.scheduler import Schedule, Scheduler
+from jinfer.engine.speculation import Speculator
 from jinfer.model import Model
 from jinfer.sampling import SamplingParams
+from jinfer.speculative import SpeculativeConfig
+from jinfer.speculative_step import SpeculativeBatch, SpeculativeOutput
 from jinfer.step import StepBatch, StepOutput
 from jinfer.step_programs import JitStep, StepPrograms
 from jinfer.tokenizer import IncrementalDetokenizer
@@ -45,42 +48,82 @@ class Engine:
         cache_fill: float = 0.0,
         poison_freed_pages: bool = False,
         seed: int = 0,
+        speculative: SpeculativeConfig | None = None,
+        draft_model: Model | None = None,
     ):
         """`measure_step_memory` compiles the largest bucket up front to report its temporaries;
-        `cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible."""
+        `cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible.
+        `speculative` turns on speculative decoding (`draft_model`: the loaded model of method "draft")."""
         self.model = model
         self.config = config
         self.multihost = StepBroadcast(config, model.mesh) if jax.process_count() > 1 else None
         if self.multihost is not None and poison_freed_pages:
             raise ValueError("poison_freed_pages is not supported in a multi-process run (only process 0 knows the freed pages)")
+        self.speculative = speculative
+        self.draft_model = draft_model
+        self._draft_layers = self._check_speculative()
         self._step = StepPrograms(config.program_cache, model.config, model.dtype) if config.program_cache else JitStep(model.config, model.dtype)
         self.pool_sharding = pool_sharding(model.config, model.mesh)
+        self.kv_dtype = kv_dtype(model.dtype, config.kv_cache_dtype)
         budget = kv_budget_bytes(config.kv_cache_memory, jax.local_devices()[0])
-        self.plan = plan_memory(model.config, model.params, config.page_size, budget, model.dtype, kv_sharding=self.pool_sharding)
+        if draft_model is not None:  # both pools share the page ids: split the budget by bytes per page
+            target_bytes = page_bytes(model.config, config.page_size, self.kv_dtype, self.pool_sharding)
+            budget = budget * target_bytes // (target_bytes + page_bytes(draft_model.config, config.page_size, draft_model.dtype))
+        self.plan = plan_memory(model.config, model.params, config.page_size, budget, self.kv_dtype, kv_sharding=self.pool_sharding)
         if measure_step_memory:
             self.plan = dataclasses.replace(self.plan, step_temp_bytes=self._largest_step_temp_bytes())
         logging.info("%s", self.plan.table())
-        self.kv_cache = allocate_cache(model.config, self.plan.num_pages, config.page_size, model.dtype, cache_fill, self.pool_sharding)
+        self.kv_cache = allocate_cache(model.config, self.plan.num_pages, config.page_size, self.kv_dtype, cache_fill, self.pool_sharding)
+        self.draft_cache = None
+        if draft_model is not None:
+            self.draft_cache = allocate_cache(draft_model.config, self.plan.num_pages, config.page_size, draft_model.dtype, cache_fill)
         self.allocator = PageAllocator(self.plan.num_pages)
-        self.scheduler = Scheduler(config, self.allocator)
+        self.speculator = Speculator(speculative) if speculative is not None else None
+        self.scheduler = Scheduler(config, self.allocator, self.speculator)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrivals = itertools.count()
         self._seeds = np.random.default_rng(seed)
         self._bucket_shapes: set[tuple[int, ...]] = set()
+        self._speculative_shapes: set[tuple[int, ...]] = set()
         self._poison_value = cache_fill if poison_freed_pages else None
         self.last_output = None  # the last step's StepOutput (device arrays), for tests and debugging
 
     def _largest_step_temp_bytes(self) -> int | None:
         """Temporaries of the step at its largest bucket, from XLA's memory analysis (None if unavailable)."""
         largest = padding_batch(self.config, self.config.token_buckets[-1], self.config.seq_buckets[-1], self.config.page_buckets[-1])
-        cache = abstract_cache(self.model.config, self.plan.num_pages, self.config.page_size, self.model.dtype, self.pool_sharding)
+        cache = abstract_cache(self.model.config, self.plan.num_pages, self.config.page_size, self.kv_dtype, self.pool_sharding)
         return self._step.temp_bytes(self.model.params, cache, largest)
+
+    def _check_speculative(self) -> int:
+        """Raises ValueError naming what does not fit; returns the self drafter's layer count (0 if none)."""
+        spec, draft = self.speculative, self.draft_model
+        if spec is None:
+            if draft is not None:
+                raise ValueError("a draft_model was given without speculative=SpeculativeConfig(method='draft', ...)")
+            return 0
+        if self.multihost is not None:
+            raise ValueError(f"speculative decoding (method {spec.method!r}) is not supported in a multi-process run")
+        if (spec.method == "draft") != (draft is not None):
+            raise ValueError(f"speculative method {spec.method!r} {'needs' if spec.method == 'draft' else 'takes no'} draft model")
+        if draft is not None:
+            if draft.config.vocab_size != self.model.config.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary size {draft.config.vocab_size} differs from the target's {self.model.config.vocab_size}"
+                )
+            if draft.mesh is not None or self.model.mesh is not None:
+                raise ValueError("speculative decoding with a draft model runs on one device (mesh=None)")
+        return spec.draft_layers(self.model.config.num_layers) if spec.method == "self" else 0
 
     @property
     def bucket_shapes_used(self) -> set[tuple[int, ...]]:
-        """(tokens, rows, pages per row, history width) of every step run so far."""
+        """(tokens, rows, pages per row, history width) of every plain step run so far."""
         return set(self._bucket_shapes)
+
+    @property
+    def speculative_shapes_used(self) -> set[tuple[int, ...]]:
+        """(tokens, rows, pages per row, history width, draft slots K) of every speculative step run so far."""
+        return set(self._speculative_shapes)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError naming the problem if the request could never run."""
@@ -119,6 +162,8 @@ class Engine:
         if request is None:
             raise KeyError(f"no request {request_id!r} in flight")
         self._detokenizers.pop(request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(request)
         self.scheduler.finish(request, "abort")
 
     def has_unfinished(self) -> bool:
@@ -131,23 +176,42 @@ class Engine:
         if not schedule.rows:
             return []
         batch = build_batch(schedule, self.config)
+        if self.speculator is not None and (self.speculative.method == "draft" or schedule.speculates):
+            width = self.speculative.num_tokens
+            draft_config = None if self.draft_model is None else self.draft_model.config
+            batch = speculative_batch(schedule, batch, width, self.speculative.method, self._draft_layers, draft_config)
+            return self._apply_speculative(schedule, jax.device_get(self.run_batch(batch)))
         if self.multihost is not None:
             self.multihost.send(batch)
         self.run_batch(batch)
         return self._apply(schedule, jax.device_get(self.last_output.sampled))
 
-    def run_batch(self, batch: StepBatch) -> StepOutput:
-        """Runs the step on a host batch and keeps the updated pool; in a multi-process run every
-        process calls this with the same batch (see `engine.multihost`)."""
+    def run_batch(self, batch: StepBatch | SpeculativeBatch) -> StepOutput | SpeculativeOutput:
+        """Runs the step on a host batch and keeps the updated pool(s); in a multi-process run every
+        process calls this with the same (plain) batch (see `engine.multihost`)."""
+        device_batch = jax.tree.map(jnp.asarray, batch)
+        if isinstance(batch, SpeculativeBatch):
+            step_batch = batch.step
+            shape = (step_batch.tokens.shape[0], *step_batch.page_table.shape, step_batch.history.shape[1], batch.draft_tokens.shape[1])
+            self._speculative_shapes.add(shape)
+            if self.draft_model is None:
+                self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)
+            else:
+                params = (self.model.params, self.draft_model.params)
+                (self.kv_cache, self.draft_cache), self.last_output = self._step(params, (self.kv_cache, self.draft_cache), device_batch)
+            return self.last_output
         self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
-        self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, jax.tree.map(jnp.asarray, batch))
+        self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)
         return self.last_output
 
     def _poison_freed_pages(self) -> None:
         """Fills pages freed since the last step before anything is written to them again."""
         freed, self.scheduler.freed_pages = self.scheduler.freed_pages, []
         if self._poison_value is not None and freed:
-            self.kv_cache = fill_pages(self.kv_cache, jnp.asarray(freed, jnp.int32), self._poison_value)
+            pages = jnp.asarray(freed, jnp.int32)
+            self.kv_cache = fill_pages(self.kv_cache, pages, self._poison_value)
+            if self.draft_cache is not None:
+                self.draft_cache = fill_pages(self.draft_cache, pages, self._poison_value)
 
     def _apply(self, schedule: Schedule, sampled) -> list[TokenEvent]:
         now = time.perf_counter()
@@ -155,24 +219,47 @@ class Engine:
         for i, row in enumerate(schedule.rows):
             request = row.request
             request.num_computed = row.start + row.num_tokens
+            if row.samples:
+                events.append(self._append(request, int(sampled.tokens[i]), float(sampled.logprob[i]), sampled.top_ids[i], sampled.top_logprobs[i], now))
+        return events
+
+    def _apply_speculative(self, schedule: Schedule, output: SpeculativeOutput) -> list[TokenEvent]:
+        """Commits each row's last token and its accepted drafts, then appends the new tokens one by
+        one through the stop logic; a request that finishes drops the rest of its run."""
+        now = time.perf_counter()
+        events = []
+        for i, row in enumerate(schedule.rows):
+            request = row.request
+            accepted = int(output.num_accepted[i])
+            request.num_computed = row.start + row.num_tokens + accepted
             if not row.samples:
                 continue
-            token = int(sampled.tokens[i])
-            request.output_ids.append(token)
-            request.logprobs.append(float(sampled.logprob[i]))
-            if request.params.logprobs:
-                count = request.params.logprobs
-                request.top_logprobs.append(dict(zip(sampled.top_ids[i, :count].tolist(), sampled.top_logprobs[i, :count].tolist())))
-            if request.first_token_time is None:
-                request.first_token_time = now
-            reason = self._extend_text(request, token)
-            if reason:
-                self.scheduler.finish(request, reason)
-                self._requests.pop(request.request_id, None)
-                self._detokenizers.pop(request.request_id, None)
-            delta = self._new_text(request)
-            events.append(TokenEvent(request, token, delta, reason is not None))
+            if row.num_drafts:
+                self.speculator.record(request, row.num_drafts, accepted)
+            for j in range(accepted + 1):
+                event = self._append(request, int(output.tokens[i, j]), float(output.logprob[i, j]), output.top_ids[i, j], output.top_logprobs[i, j], now)
+                events.append(event)
+                if event.finished:
+                    break
         return events
+
+    def _append(self, request: Request, token: int, logprob: float, top_ids, top_logprobs, now: float) -> TokenEvent:
+        """Appends one generated token (top_ids, top_logprobs: [n] alternatives) and applies the stop rules."""
+        request.output_ids.append(token)
+        request.logprobs.append(logprob)
+        if request.params.logprobs:
+            count = request.params.logprobs
+            request.top_logprobs.append(dict(zip(top_ids[:count].tolist(), top_logprobs[:count].tolist())))
+        if request.first_token_time is None:
+            request.first_token_time = now
+        reason = self._extend_text(request, token)
+        if reason:
+            self.scheduler.finish(request, reason)
+            self._requests.pop(request.request_id, None)
+            self._detokenizers.pop(request.request_id, None)
+            if self.speculator is not None:
+                self.speculator.forget(request)
+        return TokenEvent(request, token, self._new_text(request), reason is not None)
 
     def _extend_text(self, request: Request, token: int) -> str | None:
         """Appends the token's text; returns the finish reason if the request is done."""

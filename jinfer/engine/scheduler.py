@@ -3,12 +3,18 @@
 Each step: every running decode gets one token first (long prompts never starve them), then
 prompt chunks fill the rest of the budget (chunked prefill), oldest request first. When pages run
 out, the newest running request is preempted: its pages are freed and it is recomputed later.
+
+With speculative decoding a `proposer` gives each decode row k_r drafts (within the token budget,
+the request's room and the free pages); the row then needs pages for its tokens plus the k_r drafts. A request
+holds exactly the pages its next step needs: pages past that (left over from drafts that were
+rejected, or from a larger k before) are released when it is scheduled again.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 from jinfer.config import EngineConfig
 from jinfer.engine.page_allocator import PageAllocator
@@ -17,11 +23,14 @@ from jinfer.engine.request import Request, Status
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledRow:
-    """`request` runs `token_ids[start : start + num_tokens]` this step."""
+    """`request` runs `token_ids[start : start + num_tokens]` this step, then `num_drafts` speculative
+    tokens: `drafts` when proposed on the host, else drafted on device."""
 
     request: Request
     start: int
     num_tokens: int
+    num_drafts: int = 0
+    drafts: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
@@ -36,13 +45,22 @@ class Schedule:
 
     @property
     def num_tokens(self) -> int:
-        return sum(row.num_tokens for row in self.rows)
+        """Tokens the step runs: chunks and drafts."""
+        return sum(row.num_tokens + row.num_drafts for row in self.rows)
+
+    @property
+    def speculates(self) -> bool:
+        return any(row.num_drafts for row in self.rows)
+
+
+Proposer = Callable[[Request, int], tuple[int, tuple[int, ...]]]  # (request, most drafts) -> (k_r, host drafts or ())
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: PageAllocator):
+    def __init__(self, config: EngineConfig, allocator: PageAllocator, proposer: Proposer | None = None):
         self.config = config
         self.allocator = allocator
+        self.proposer = proposer
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.freed_pages: list[int] = []  # pages whose last reference went away; the engine may poison them
@@ -82,6 +100,11 @@ class Scheduler:
         """Gives `request` pages for `num_tokens` tokens, preempting the newest unscheduled running
         requests if needed. False if `request` itself had to be preempted or nothing could be freed."""
         missing = self.pages_needed(num_tokens) - len(request.pages)
+        if missing < 0:
+            surplus, request.pages = request.pages[missing:], request.pages[:missing]
+            self.allocator.free(surplus)
+            self.freed_pages += [page for page in surplus if self.allocator.refcount(page) == 0]
+            return True
         while not self.allocator.can_allocate(missing):
             victims = [r for r in self.running if id(r) not in scheduled]
             if not victims:
@@ -94,23 +117,37 @@ class Scheduler:
         request.pages += self.allocator.allocate(missing)
         return True
 
+    def _drafts(self, request: Request, spare_tokens: int) -> tuple[int, tuple[int, ...]]:
+        """The proposer's drafts for a decode row, within the spare budget and max_model_len; none
+        when their pages are not free (drafts never preempt anyone)."""
+        room = min(spare_tokens, self.config.max_model_len - request.num_tokens - 1)
+        if self.proposer is None or room <= 0:
+            return 0, ()
+        num_drafts, drafts = self.proposer(request, room)
+        missing = self.pages_needed(request.num_tokens + num_drafts) - len(request.pages)
+        return (num_drafts, drafts) if self.allocator.can_allocate(max(missing, 0)) else (0, ())
+
     def schedule(self) -> Schedule:
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
         scheduled: set[int] = set()
         preempted: list[Request] = []
 
-        def add_row(request: Request, num_tokens: int) -> None:
+        def add_row(request: Request, num_tokens: int, num_drafts: int = 0, drafts: tuple[int, ...] = ()) -> None:
             nonlocal budget
-            rows.append(ScheduledRow(request, request.num_computed, num_tokens))
+            rows.append(ScheduledRow(request, request.num_computed, num_tokens, num_drafts, drafts))
             scheduled.add(id(request))
-            budget -= num_tokens
+            budget -= num_tokens + num_drafts
 
-        for request in sorted((r for r in self.running if r.is_decoding), key=lambda r: r.arrival_order):
+        decoding = sorted((r for r in self.running if r.is_decoding), key=lambda r: r.arrival_order)
+        for position, request in enumerate(decoding):
             if len(rows) == self.config.max_num_seqs:
                 break
-            if request.status is Status.RUNNING and self._reserve(request, request.num_tokens, scheduled, preempted):
-                add_row(request, 1)
+            if request.status is not Status.RUNNING:
+                continue
+            num_drafts, drafts = self._drafts(request, budget - (len(decoding) - position))
+            if self._reserve(request, request.num_tokens + num_drafts, scheduled, preempted):
+                add_row(request, 1, num_drafts, drafts)
 
         prefilling = sorted((r for r in self.running if id(r) not in scheduled and not r.is_decoding), key=lambda r: r.arrival_order)
         for request in prefilling:

@@ -65,7 +65,7 @@ def plan_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
     return windows
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "kv_cache_dtype"))
 def _token_nll(
     params,
     tokens: jax.Array,  # [B, S] int32
@@ -73,9 +73,10 @@ def _token_nll(
     *,
     config,
     dtype,
+    kv_cache_dtype: str,
 ) -> jax.Array:  # [B, S] float32
     """-log p(targets[b, s] | tokens[b, : s + 1]) from one full-sequence forward."""
-    logits = full_forward(params, tokens, config=config, dtype=dtype)
+    logits = full_forward(params, tokens, config=config, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
@@ -107,13 +108,14 @@ def perplexity(
     stride: int,
     batch_size: int = 1,
     progress: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> PerplexityResult:
     """Perplexity of `model` over `token_ids`, in windows of `window` tokens `stride` apart.
 
     `batch_size` windows go through one forward; every forward has the shape
     [batch_size, min(window, N)] (a short last window and the last batch are padded), so it
     compiles once. The NLL is summed in float64 on the host. `progress` shows a progress bar
-    over the batches.
+    over the batches. `kv_cache_dtype="int8"` scores with K/V as the int8 KV cache stores them.
     """
     token_ids = np.asarray(token_ids)
     if token_ids.ndim != 1 or not np.issubdtype(token_ids.dtype, np.integer):
@@ -130,6 +132,8 @@ def perplexity(
     nll = 0.0
     for first in tqdm.trange(0, rows, batch_size, desc="windows", unit="batch", disable=not progress):
         batch = slice(first, first + batch_size)
-        token_nll = _token_nll(model.params, inputs[batch], targets[batch], config=model.config, dtype=model.dtype)
+        token_nll = _token_nll(
+            model.params, inputs[batch], targets[batch], config=model.config, dtype=model.dtype, kv_cache_dtype=kv_cache_dtype
+        )
         nll += float(np.asarray(token_nll, np.float64)[scored[batch]].sum())
     return PerplexityResult(num_tokens=int(scored.sum()), nll=nll)

@@ -4,6 +4,7 @@ paged attention runs either them or the Pallas kernels (`jinfer.ops.backend`).""
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -12,6 +13,7 @@ from jax import lax
 
 from jinfer.ops import backend as kernel_backend
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
+from pallas_kernels.ragged_paged_attention.reference import quantize_int8
 
 MASKED = -1e30
 
@@ -54,11 +56,26 @@ def grouped_attention(q, k, v, mask, layer: LayerAttention):
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class FullSequenceAttention:
-    """Whole sequences at once, no cache: the forward used by `Model.logits` and parity tests."""
+    """Whole sequences at once, no cache: the forward used by `Model.logits` and parity tests.
+
+    `kv_cache_dtype="int8"` rounds K and V through the int8 KV cache's quantization (per token and
+    head, `quantize_int8`) before attending, so a full-sequence forward (perplexity) sees the values
+    an int8 page pool would hold.
+    """
+
+    kv_cache_dtype: str = "auto"
 
     def __call__(self, q, k, v, positions, cache, layer: LayerAttention):
         """q: [B, S, H, D]; k, v: [B, S, K, D]; positions: [B, S] -> ([B, S, H, D], cache unchanged)."""
+        if self.kv_cache_dtype == "int8":
+            k, v = int8_round_trip(k), int8_round_trip(v)
         return grouped_attention(q, k, v, visible(positions, positions, layer.window), layer), cache
+
+
+def int8_round_trip(x):
+    """x: [..., D] float -> [..., D] in x.dtype: the values the int8 KV cache stores for it."""
+    values, scales = quantize_int8(x)
+    return (values.astype(jnp.float32) * scales[..., None]).astype(x.dtype)
 
 
 def write_kv(pages, new, slots):
@@ -71,51 +88,125 @@ def write_kv(pages, new, slots):
     return pages.at[slots // page_size, slots % page_size].set(new.astype(pages.dtype))
 
 
-def paged_attention_reference(q, k_pages, v_pages, positions, token_rows, page_table, layer: LayerAttention):
+def write_kv_int8(pages, scales, new, slots):
+    """pages: [num_pages, page_size, K, D] int8; scales: [num_pages, page_size, K] float32; new: [T, K, D]
+    float; slots: [T] -> (pages, scales) with each token's K (or V) of each head quantized (`quantize_int8`)."""
+    values, new_scales = quantize_int8(new)
+    return write_kv(pages, values, slots), write_kv(scales, new_scales, slots)
+
+
+class RowSegments(NamedTuple):
+    """Pieces of the ragged batch that each lie in one tile of queries and one row, each [NS] int32."""
+
+    tiles: jax.Array  # tile of `tile_len` consecutive tokens the segment lies in
+    rows: jax.Array  # row its tokens belong to
+    starts: jax.Array  # first token (index in T)
+    ends: jax.Array  # one past its last token (== starts for unused entries)
+
+
+def row_segments(query_start, num_tokens: int, tile_len: int) -> RowSegments:
+    """query_start: [R + 1] int32 -> the non-empty (tile, row) intersections, tile by tile.
+
+    Each boundary between rows inside a tile adds one segment, so there are at most
+    min(T, T / tile_len + R - 1); the static capacity is that bound, unused entries are empty.
+    Padding tokens (past query_start[R]) belong to no segment.
+    """
+    num_rows = query_start.shape[0] - 1
+    num_tiles = -(-num_tokens // tile_len)
+    capacity = min(num_tokens, num_tiles + num_rows - 1)
+    tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)[:, None]
+    starts = jnp.maximum(query_start[None, :-1], tile_ids * tile_len)  # [tiles, R]
+    ends = jnp.minimum(query_start[None, 1:], (tile_ids + 1) * tile_len)  # [tiles, R]
+    nonempty = (starts < ends).ravel()
+    slot = jnp.where(nonempty, jnp.cumsum(nonempty) - 1, capacity)
+
+    def compact(values):  # values: [tiles, R] -> [capacity]
+        flat = jnp.broadcast_to(values, starts.shape).ravel()
+        return jnp.zeros(capacity, jnp.int32).at[slot].set(flat, mode="drop")
+
+    return RowSegments(compact(tile_ids), compact(jnp.arange(num_rows, dtype=jnp.int32)[None, :]), compact(starts), compact(ends))
+
+
+def paged_attention_reference(
+    q, k_pages, v_pages, positions, query_start, kv_lens, page_table, layer: LayerAttention, k_scales=None, v_scales=None
+):
     """Ragged attention over paged K/V: each token attends to its own row's cache up to its position.
 
-    q: [T, H, D]; k_pages, v_pages: [num_pages, page_size, K, D]; positions, token_rows: [T] int32;
-    page_table: [R, P] int32 page ids per row -> [T, H, D]. Cache slots past a token's position
-    (stale or NaN-poisoned pages) are masked out of both the scores and the values. The gathered
-    K/V are laid out [T, K, span, D] so both products are dots batched over (token, KV head), the
-    form XLA:CPU hands to its matmul routine.
+    q: [T, H, D]; k_pages, v_pages: [num_pages, page_size, K, D]; positions: [T] int32;
+    query_start: [R + 1] int32; kv_lens: [R] int32; page_table: [R, P] int32; k_scales, v_scales:
+    [num_pages, page_size, K] float32 for int8 pages (dequantized after the gather), else None
+    -> [T, H, D] (padding tokens, past query_start[R], give 0).
+
+    The tokens are cut into tiles of T / R consecutive tokens (the engine's buckets are powers of
+    two, so the tiles fit T exactly; otherwise the last one overhangs), and each
+    (tile, row) piece gathers its row's pages once and attends with two dots over all its queries
+    and KV heads. A decode batch (T = R) is one token per piece; a long prefill chunk is a few
+    large pieces instead of one K/V gather per token. Cache slots past a token's position (stale
+    or NaN-poisoned pages) are masked out of the scores, and slots past the row's length out of
+    the values.
     """
-    _, page_size, kv_heads, head_dim = k_pages.shape
-    pages = page_table[token_rows]  # [T, P]
-    num_tokens, pages_per_row = pages.shape
-    span = pages_per_row * page_size
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = k_pages.shape
+    num_rows, pages_per_row = page_table.shape
+    span, groups = pages_per_row * page_size, num_heads // kv_heads
+    tile_len = max(1, num_tokens // num_rows)
+    segments = row_segments(query_start, num_tokens, tile_len)
+    num_segments = segments.tiles.shape[0]
+    tokens = segments.tiles[:, None] * tile_len + jnp.arange(tile_len, dtype=jnp.int32)  # [NS, L]
+    in_segment = (tokens >= segments.starts[:, None]) & (tokens < segments.ends[:, None])  # [NS, L]
+    kv_positions = jnp.arange(span, dtype=positions.dtype)
+    mask = visible(positions[tokens], kv_positions[None, :], layer.window) & in_segment[:, :, None]  # [NS, L, span]
+    pages = page_table[segments.rows]  # [NS, P]
 
-    def gathered(pool):  # [num_pages, page_size, K, D] -> [T, K, span, D]
-        return pool[pages].reshape(num_tokens, span, kv_heads, head_dim).transpose(0, 2, 1, 3)
+    def gathered(pool, scales):  # [num_pages, page_size, K, D], [num_pages, page_size, K] or None -> [NS, K, span, D]
+        values = pool[pages]
+        if scales is not None:
+            values = (values.astype(jnp.float32) * scales[pages][..., None]).astype(q.dtype)
+        return values.reshape(num_segments, span, kv_heads, head_dim).transpose(0, 2, 1, 3)
 
-    mask = visible(positions[:, None], jnp.arange(span, dtype=positions.dtype)[None, :], layer.window)[:, 0]  # [T, span]
-    k, v = gathered(k_pages), gathered(v_pages)
-    v = jnp.where(mask[:, None, :, None], v, jnp.zeros((), v.dtype))
-    grouped_q = q.reshape(num_tokens, kv_heads, -1, head_dim)  # [T, K, G, D]
+    k, v = gathered(k_pages, k_scales), gathered(v_pages, v_scales)
+    written = kv_positions[None, :] < kv_lens[segments.rows][:, None]  # [NS, span]
+    v = jnp.where(written[:, None, :, None], v, jnp.zeros((), v.dtype))
+    queries = q[tokens].reshape(num_segments, tile_len, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    queries = queries.reshape(num_segments, kv_heads, tile_len * groups, head_dim)  # [NS, K, L*G, D]
     batch_dims = ((0, 1), (0, 1))
-    logits = lax.dot_general(grouped_q, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32) * layer.scale
+    logits = lax.dot_general(queries, k, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32) * layer.scale
     if layer.softcap:
         logits = jnp.tanh(logits / layer.softcap) * layer.softcap
-    logits = jnp.where(mask[:, None, None, :], logits, MASKED)  # [T, K, G, span]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = lax.dot_general(probs, v, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)  # [T, K, G, D]
-    return out.reshape(q.shape).astype(q.dtype)
+    logits = logits.reshape(num_segments, kv_heads, tile_len, groups, span)
+    logits = jnp.where(mask[:, None, :, None, :], logits, MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(num_segments, kv_heads, tile_len * groups, span)
+    out = lax.dot_general(probs, v, (((3,), (2,)), batch_dims), preferred_element_type=jnp.float32)  # [NS, K, L*G, D]
+    out = out.reshape(num_segments, kv_heads, tile_len, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    out = jnp.where(in_segment[:, :, None, None, None], out, 0.0).reshape(num_segments, tile_len, num_heads, head_dim)
+    num_tiles = -(-num_tokens // tile_len)
+    by_tile = jnp.zeros((num_tiles, tile_len, num_heads, head_dim), jnp.float32).at[segments.tiles].add(out)
+    return by_tile.reshape(num_tiles * tile_len, num_heads, head_dim)[:num_tokens].astype(q.dtype)
 
 
 def paged_attention_kernel(q, k, v, cache, slots, kv_lens, page_table, query_start, layer: LayerAttention, interpret: bool):
     """The Pallas path: write_kv_pages, then ragged_paged_attention over the updated pool.
 
-    q: [T, H, D]; k, v: [T, K, D]; cache: {"k", "v"} pages [num_pages, page_size, K, D]; slots: [T] int32;
-    kv_lens: [R] int32; page_table: [R, P] int32; query_start: [R + 1] int32 -> ([T, H, D], cache).
+    q: [T, H, D]; k, v: [T, K, D]; cache: {"k", "v"} pages [num_pages, page_size, K, D] (int8 pages with
+    {"k_scale", "v_scale"} [num_pages, page_size, K] float32); slots: [T] int32; kv_lens: [R] int32;
+    page_table: [R, P] int32; query_start: [R + 1] int32 -> ([T, H, D], cache).
     Tokens past query_start[R] (padding) give 0.
     """
-    dtype = cache["k"].dtype
-    k_pages, v_pages = write_kv_pages(cache["k"], cache["v"], k.astype(dtype), v.astype(dtype), slots, interpret=interpret)
+    if "k_scale" in cache:  # int8 pages: the write kernel quantizes per token and head
+        k_pages, v_pages, k_scales, v_scales = write_kv_pages(
+            cache["k"], cache["v"], k, v, slots, k_scales=cache["k_scale"], v_scales=cache["v_scale"], interpret=interpret
+        )
+        new_cache = {"k": k_pages, "v": v_pages, "k_scale": k_scales, "v_scale": v_scales}
+    else:
+        dtype = cache["k"].dtype
+        k_pages, v_pages = write_kv_pages(cache["k"], cache["v"], k.astype(dtype), v.astype(dtype), slots, interpret=interpret)
+        new_cache, k_scales, v_scales = {"k": k_pages, "v": v_pages}, None, None
     out = ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_table, query_start,
-        scale=layer.scale, window=layer.window, softcap=layer.softcap or None, interpret=interpret,
+        scale=layer.scale, window=layer.window, softcap=layer.softcap or None, k_scales=k_scales, v_scales=v_scales,
+        interpret=interpret,
     )
-    return out, {"k": k_pages, "v": v_pages}
+    return out, new_cache
 
 
 @flax.struct.dataclass
@@ -137,13 +228,21 @@ class PagedAttention:
     kernels: str = flax.struct.field(pytree_node=False, default="auto")
 
     def __call__(self, q, k, v, positions, cache, layer: LayerAttention):
-        """q: [T, H, D]; k, v: [T, K, D]; positions: [T]; cache: {"k", "v"} pages -> ([T, H, D], cache)."""
+        """q: [T, H, D]; k, v: [T, K, D]; positions: [T]; cache: {"k", "v"} pages (int8: with {"k_scale",
+        "v_scale"}) -> ([T, H, D], cache)."""
         mode = kernel_backend.resolve(self.kernels)
         if mode != "reference":
             return paged_attention_kernel(
                 q, k, v, cache, self.slots, self.kv_lens, self.page_table, self.query_start, layer, interpret=mode == "interpret"
             )
-        k_pages = write_kv(cache["k"], k, self.slots)
-        v_pages = write_kv(cache["v"], v, self.slots)
-        out = paged_attention_reference(q, k_pages, v_pages, positions, self.token_rows, self.page_table, layer)
-        return out, {"k": k_pages, "v": v_pages}
+        if "k_scale" in cache:
+            k_pages, k_scales = write_kv_int8(cache["k"], cache["k_scale"], k, self.slots)
+            v_pages, v_scales = write_kv_int8(cache["v"], cache["v_scale"], v, self.slots)
+            new_cache = {"k": k_pages, "v": v_pages, "k_scale": k_scales, "v_scale": v_scales}
+        else:
+            k_pages, v_pages = write_kv(cache["k"], k, self.slots), write_kv(cache["v"], v, self.slots)
+            new_cache, k_scales, v_scales = {"k": k_pages, "v": v_pages}, None, None
+        out = paged_attention_reference(
+            q, k_pages, v_pages, positions, self.query_start, self.kv_lens, self.page_table, layer, k_scales, v_scales
+        )
+        return out, new_cache

@@ -1,0 +1,124 @@
+"""`jinfer bench --speculative=METHOD`: speculative against plain decoding, same model, same process.
+
+Protocol (greedy, EOS ignored): at each batch size B, B requests of `decode_steps` tokens; the
+prompts are, for n-gram lookup, a text passage (a window of the benchmark corpus) followed by a
+request to repeat it (a summarisation-style prompt: the answer copies the prompt), and for the model
+drafters the decode benchmark's chat prompt. A pass prefills until every request has its first
+token, then times the steps until all finish: decode tokens/s = tokens generated in those steps /
+their time. One warm-up pass (it compiles), then `repeats` passes of plain and speculative decoding
+in turn; medians. Acceptance = drafts kept / drafts proposed and tokens per pass = 1 + drafts kept
+per row-pass with drafts, over the timed passes. The speculative tokens are checked equal to the
+plain ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+
+from jinfer.bench import DECODE_MESSAGE, BenchmarkOptions, _corpus_text
+from jinfer.config import EngineConfig
+from jinfer.defaults import default_model_path
+from jinfer.engine.engine import Engine
+from jinfer.engine.speculation import SpeculationStats
+from jinfer.model import Model, load
+from jinfer.sampling import SamplingParams
+from jinfer.speculative import SpeculativeConfig
+
+PASSAGE_TOKENS = 160
+REPEAT_REQUEST = "Repeat the passage above word for word."
+
+
+def prompts_for(method: str, model: Model, batch: int, seed: int) -> list[list[int]]:
+    """`batch` prompts: passages to repeat (n-gram) or the decode benchmark's chat message."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("the speculative benchmark needs a model with a tokenizer")
+    if method != "ngram":
+        messages = [[{"role": "user", "content": DECODE_MESSAGE}]] * batch
+    else:
+        corpus = tokenizer.encode(_corpus_text(), add_special_tokens=False)
+        offsets = np.random.default_rng(seed).integers(0, len(corpus) - PASSAGE_TOKENS, batch)
+        passages = [tokenizer.decode(corpus[o : o + PASSAGE_TOKENS]) for o in offsets]
+        messages = [[{"role": "user", "content": f"{passage}\n\n{REPEAT_REQUEST}"}] for passage in passages]
+    return [tokenizer.encode(tokenizer.apply_chat_template(m), add_special_tokens=False) for m in messages]
+
+
+def _pass(engine: Engine, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
+    """Decode tokens/s of one pass, and the tokens generated."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    requests = [engine.add_request(p, params) for p in prompts]
+    while not all(r.output_ids for r in requests):
+        engine.step()
+    before = sum(len(r.output_ids) for r in requests)
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    return (sum(len(r.output_ids) for r in requests) - before) / elapsed, [r.output_ids for r in requests]
+
+
+def run_speculative_benchmark(options: BenchmarkOptions, method: str, num_tokens: int, draft_model: str | None = None) -> dict:
+    model_path = str(options.model if options.model is not None else default_model_path())
+    model = load(model_path, dtype=options.dtype)
+    draft = load(draft_model, dtype=options.dtype) if draft_model else None
+    spec = SpeculativeConfig(method=method, num_tokens=num_tokens, draft_model=draft_model)
+    prompts = {batch: prompts_for(method, model, batch, options.seed) for batch in options.batch_sizes}
+    longest = max(len(p) for group in prompts.values() for p in group) + options.decode_steps + 1
+    config = EngineConfig(
+        max_num_seqs=max(options.batch_sizes),
+        max_model_len=-(-longest // options.page_size) * options.page_size,
+        max_num_batched_tokens=max(512, max(options.batch_sizes)),
+        page_size=options.page_size,
+        kv_cache_memory=options.kv_cache_memory,
+    )
+    plain = Engine(model, config, measure_step_memory=False)
+    speculative = Engine(model, config, measure_step_memory=False, speculative=spec, draft_model=draft)
+    results = {"model": model_path, "method": method, "num_tokens": num_tokens, "speculative_config": dataclasses.asdict(spec), "rows": []}
+    for batch in options.batch_sizes:
+        _pass(plain, prompts[batch], options.decode_steps)
+        _pass(speculative, prompts[batch], options.decode_steps)
+        speculative.speculator.stats = SpeculationStats()
+        plain_runs, spec_runs, identical = [], [], True
+        for _ in range(options.repeats):
+            rate, expected = _pass(plain, prompts[batch], options.decode_steps)
+            plain_runs.append(rate)
+            rate, outputs = _pass(speculative, prompts[batch], options.decode_steps)
+            spec_runs.append(rate)
+            identical &= outputs == expected
+        stats = speculative.speculator.stats
+        results["rows"].append({
+            "batch_size": batch,
+            "prompt_tokens": len(prompts[batch][0]),
+            "plain_tokens_per_s": statistics.median(plain_runs),
+            "speculative_tokens_per_s": statistics.median(spec_runs),
+            "plain_runs": plain_runs,
+            "speculative_runs": spec_runs,
+            "acceptance_rate": stats.acceptance_rate,
+            "tokens_per_pass": stats.tokens_per_pass,
+            "identical_to_plain": identical,
+        })
+    return results
+
+
+def format_speculative_table(results: dict) -> str:
+    header = ("batch", "plain tok/s", f"{results['method']} k={results['num_tokens']} tok/s", "speedup", "acceptance", "tokens/pass", "same tokens")
+    rows = [
+        (
+            str(row["batch_size"]),
+            f"{row['plain_tokens_per_s']:.1f}",
+            f"{row['speculative_tokens_per_s']:.1f}",
+            f"{row['speculative_tokens_per_s'] / row['plain_tokens_per_s']:.2f}x",
+            f"{row['acceptance_rate']:.2f}",
+            f"{row['tokens_per_pass']:.2f}",
+            "yes" if row["identical_to_plain"] else "NO",
+        )
+        for row in results["rows"]
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
