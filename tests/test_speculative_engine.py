@@ -201,7 +201,7 @@ def test_bad_draft_setups_are_named(target):
         _engine(target, SpeculativeConfig(method="draft", draft_model="wrong"), wrong_vocab)
     with pytest.raises(ValueError, match="self_layers=3"):
         _engine(target, SpeculativeConfig(method="self", self_layers=3))
-    with pytest.raises(ValueError, match="'draft' needs"):
+    with pytest.raises(ValueError, match="'draft' needs a draft_model"):
         _engine(target, SpeculativeConfig(method="draft", draft_model="missing"))
 
 
@@ -233,4 +233,7 @@ def test_smollm2_greedy_speculation_equals_plain(smollm2, method):
     engine = Engine(smollm2, config, measure_step_memory=False, speculative=SpeculativeConfig(method=method, num_tokens=4, min_acceptance=0.0))
     outputs = [r.output_ids for r in _run(engine, prompts[:8], params) + _run(engine, prompts[8:], params)]
     assert outputs == expected
-    assert engine.speculator.stats.accepted > 0
+    stats = engine.speculator.stats
+    # Layer-skip at the default 7 of 30 layers kept none of 450 drafts (untrained early exit): the
+    # self case checks that rejected drafts and their K/V in the target's pool leave the output exact.
+    assert stats.accepted > 0 if method == "ngram" else stats.drafted > 0

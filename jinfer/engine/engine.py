@@ -105,7 +105,7 @@ class Engine:
         if self.multihost is not None:
             raise ValueError(f"speculative decoding (method {spec.method!r}) is not supported in a multi-process run")
         if (spec.method == "draft") != (draft is not None):
-            raise ValueError(f"speculative method {spec.method!r} {'needs' if spec.method == 'draft' else 'takes no'} draft model")
+            raise ValueError(f"speculative method {spec.method!r} {'needs a' if spec.method == 'draft' else 'takes no'} draft_model")
         if draft is not None:
             if draft.config.vocab_size != self.model.config.vocab_size:
                 raise ValueError(
