@@ -221,7 +221,7 @@ def _tasks(options: BenchmarkOptions, engine: Engine, reference: TransformersRef
 
     def measure(key: str, ours: Pass, theirs: Callable[[], dict] | None) -> Callable[[], None]:
         def task() -> None:
-            results[key], baseline = _side_by_side(ours, theirs, options.repeats)
+            results[key], baseline = side_by_side(ours, theirs, options.repeats)
             logging.info("jinfer %s: %s", key, results[key])
             if baseline is not None:
                 results.setdefault("baseline", {})[key] = baseline
@@ -230,21 +230,21 @@ def _tasks(options: BenchmarkOptions, engine: Engine, reference: TransformersRef
         return task
 
     def offline() -> None:
-        results["offline"], _ = _side_by_side(functools.partial(_offline_pass, engine, workload), None, 1)
+        results["offline"], _ = side_by_side(functools.partial(_offline_pass, engine, workload), None, 1)
         logging.info("jinfer offline: %s", results["offline"])
 
     key = f"prefill_{options.prefill_tokens}"
     theirs = None if reference is None else functools.partial(reference.prefill, workload.prefill_prompt)
-    tasks = [(key, measure(key, functools.partial(_prefill_pass, engine, workload.prefill_prompt), theirs))]
+    tasks = [(key, measure(key, functools.partial(prefill_pass, engine, workload.prefill_prompt), theirs))]
     for batch in options.batch_sizes:
         key = f"decode_b{batch}"
-        ours = functools.partial(_decode_pass, engine, workload.decode_prompt, batch, options.decode_steps)
+        ours = functools.partial(decode_pass, engine, workload.decode_prompt, batch, options.decode_steps)
         theirs = None if reference is None else functools.partial(reference.decode, workload.decode_prompt, batch, options.decode_steps)
         tasks.append((key, measure(key, ours, theirs)))
     return tasks + [("offline", offline)]
 
 
-def _side_by_side(ours: Pass, theirs: Callable[[], dict] | None, repeats: int) -> tuple[dict, dict | None]:
+def side_by_side(ours: Pass, theirs: Callable[[], dict] | None, repeats: int) -> tuple[dict, dict | None]:
     """One warm-up pass of ours (it compiles), then `repeats` rounds of ours and theirs in turn, so that both
     see the same machine load. Each side reports its median run; ours adds compile_s, the warm-up's excess."""
     _, first_wall = ours()
@@ -267,7 +267,7 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def _prefill_pass(engine: Engine, prompt: list[int]) -> tuple[dict, float]:
+def prefill_pass(engine: Engine, prompt: list[int]) -> tuple[dict, float]:
     request = engine.add_request(prompt, _greedy(1))
     start = time.perf_counter()
     events = engine.step()
@@ -277,7 +277,7 @@ def _prefill_pass(engine: Engine, prompt: list[int]) -> tuple[dict, float]:
     return {"tokens_per_s": len(prompt) / elapsed, "ms": elapsed * 1e3, "tokens": len(prompt)}, elapsed
 
 
-def _decode_pass(engine: Engine, prompt: list[int], batch: int, steps: int) -> tuple[dict, float]:
+def decode_pass(engine: Engine, prompt: list[int], batch: int, steps: int) -> tuple[dict, float]:
     """Prefills `batch` copies of `prompt` until each has its first token, then times `steps` decode steps."""
     pass_start = time.perf_counter()
     slack = _decode_slack(len(prompt), batch, engine.config.max_num_batched_tokens)

@@ -44,12 +44,18 @@ def test_logits_match_transformers(ours, reference, prompt):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_continuation_matches_transformers(ours, reference, prompt):
+    """transformers' greedy continuation, teacher-forced through one forward of ours: each next token
+    is our argmax at every position, which is our greedy continuation token for token."""
     ids = _chat_ids(ours, prompt)
-    expected = list(ids)
     with torch.no_grad():
-        for _ in range(CONTINUATION):
-            expected.append(int(reference(torch.as_tensor([expected])).logits[0, -1].argmax()))
-    assert ours.greedy_continuation(ids, CONTINUATION) == expected[len(ids) :]
+        generated = reference.generate(
+            torch.as_tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=CONTINUATION, do_sample=False, eos_token_id=None,  # past EOS, as greedy_continuation
+        )
+    sequence = generated[0].tolist()
+    assert len(sequence) == len(ids) + CONTINUATION
+    our_next = np.argmax(ours.logits(np.asarray([sequence]))[0, len(ids) - 1 : -1], axis=-1)
+    assert our_next.tolist() == sequence[len(ids) :]
 
 
 def test_converted_checkpoint_gives_identical_logits(ours, smollm2_gguf, tmp_path):

@@ -220,20 +220,18 @@ def smollm2(smollm2_gguf):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ngram", "self"])
-def test_smollm2_greedy_speculation_equals_plain(smollm2, method):
+def test_smollm2_greedy_ngram_speculation_equals_plain(smollm2):
+    """The real model at batch 8, n-gram drafts on passages it is asked to repeat (batch 1 is covered
+    on the tiny models: each SmolLM2 bucket is a 30-layer compile). Layer-skip on SmolLM2 keeps almost
+    no drafts — an untrained early exit — so self-drafting's exactness is shown on the tiny models,
+    where one layer and every layer give rejected and accepted drafts."""
     tokenizer = smollm2.tokenizer
     asks = ["Repeat this passage word for word:", "Summarise this passage:", "Copy the text below exactly:", "Rewrite this passage:"]
-    chats = [[{"role": "user", "content": f"{ask}\n\n{PASSAGE}"}] for ask in asks * 2 + asks[:1]]
+    chats = [[{"role": "user", "content": f"{ask}\n\n{PASSAGE}"}] for ask in asks * 2]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False) for chat in chats]
-    config = EngineConfig(max_num_seqs=8, max_model_len=256, max_num_batched_tokens=512, page_size=16, kv_cache_memory="64MiB")
-    params = SamplingParams(temperature=0.0, max_tokens=16)
-    plain = Engine(smollm2, config, measure_step_memory=False)
-    expected = [r.output_ids for r in _run(plain, prompts[:8], params) + _run(plain, prompts[8:], params)]
-    engine = Engine(smollm2, config, measure_step_memory=False, speculative=SpeculativeConfig(method=method, num_tokens=4, min_acceptance=0.0))
-    outputs = [r.output_ids for r in _run(engine, prompts[:8], params) + _run(engine, prompts[8:], params)]
-    assert outputs == expected
-    stats = engine.speculator.stats
-    # Layer-skip at the default 7 of 30 layers kept none of 450 drafts (untrained early exit): the
-    # self case checks that rejected drafts and their K/V in the target's pool leave the output exact.
-    assert stats.accepted > 0 if method == "ngram" else stats.drafted > 0
+    config = EngineConfig(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, page_size=16, kv_cache_memory="16MiB")
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    expected = [r.output_ids for r in _run(Engine(smollm2, config, measure_step_memory=False), prompts, params)]
+    engine = Engine(smollm2, config, measure_step_memory=False, speculative=SpeculativeConfig(method="ngram", num_tokens=4, min_acceptance=0.0))
+    assert [r.output_ids for r in _run(engine, prompts, params)] == expected
+    assert engine.speculator.stats.accepted > 0

@@ -18,7 +18,7 @@ import tempfile
 
 from absl import app, flags
 
-from jinfer.bench import BenchmarkOptions, _decode_pass, _prefill_pass, _side_by_side, build_workload, engine_config
+from jinfer.bench import BenchmarkOptions, decode_pass, prefill_pass, side_by_side, build_workload, engine_config
 from jinfer.cache import format_bytes
 from jinfer.checkpoint import orbax_io
 from jinfer.defaults import default_model_path
@@ -58,11 +58,11 @@ def measure(model_path: pathlib.Path, mode: str, options: BenchmarkOptions) -> d
         "disk": disk_bytes(model_path, mode, model) if FLAGS.disk else None,
         "kv_pages": engine.plan.num_pages,
     }
-    prefill, _ = _side_by_side(functools.partial(_prefill_pass, engine, workload.prefill_prompt), None, options.repeats)
+    prefill, _ = side_by_side(functools.partial(prefill_pass, engine, workload.prefill_prompt), None, options.repeats)
     row["prefill"] = prefill["tokens_per_s"]
     for batch in options.batch_sizes:
-        ours = functools.partial(_decode_pass, engine, workload.decode_prompt, batch, options.decode_steps)
-        decode, _ = _side_by_side(ours, None, options.repeats)
+        ours = functools.partial(decode_pass, engine, workload.decode_prompt, batch, options.decode_steps)
+        decode, _ = side_by_side(ours, None, options.repeats)
         row[f"decode_b{batch}"] = decode["tokens_per_s"]
     print(f"{mode}: {row}", flush=True)
     return row
