@@ -89,7 +89,7 @@ def speculative_step(params, kv_cache, batch: SpeculativeBatch, *, config: Model
         is_draft = jnp.arange(1, width)[None, :] <= batch.num_drafts[:, None]  # [R, K]
         tokens = step_batch.tokens.at[jnp.where(is_draft, batch.verify_index[:, 1:], step_batch.tokens.shape[0])].set(drafts, mode="drop")
         backend = PagedAttention(
-            step_batch.token_rows, step_batch.slots, step_batch.page_table, step_batch.kv_lens, step_batch.query_start, step_batch.kernels
+            step_batch.slots, step_batch.page_table, step_batch.kv_lens, step_batch.query_start, step_batch.kernels
         )
         logits, kv_cache = Transformer(config, dtype).apply(
             {"params": params}, tokens, step_batch.positions, backend, kv_cache, logits_index=batch.verify_index.reshape(-1)
@@ -168,10 +168,9 @@ def _one_token_pass(config: ModelConfig, dtype, params, cache, tokens, batch: Sp
     step_batch = batch.step
     index = batch.verify_index[:, draft]  # [R]
     positions = step_batch.positions[index]
-    rows = jnp.arange(index.shape[0], dtype=jnp.int32)
     slots = jnp.where(writes, step_batch.slots[index], NULL_SLOT)
     query_start = jnp.arange(index.shape[0] + 1, dtype=jnp.int32)
-    backend = PagedAttention(rows, slots, step_batch.page_table, positions + 1, query_start, step_batch.kernels)
+    backend = PagedAttention(slots, step_batch.page_table, positions + 1, query_start, step_batch.kernels)
     return Transformer(config, dtype).apply({"params": params}, tokens, positions, backend, cache)
 
 
@@ -198,7 +197,7 @@ def _model_drafts(draft_params, draft_cache, batch: SpeculativeBatch, dtype):
     then k one-token passes feeding d_1 .. d_k. Returns (drafts [R, K], q [R, K, V], draft_cache)."""
     step_batch = batch.step
     config = batch.draft_config
-    backend = PagedAttention(step_batch.token_rows, step_batch.slots, step_batch.page_table, step_batch.kv_lens, step_batch.query_start, step_batch.kernels)
+    backend = PagedAttention(step_batch.slots, step_batch.page_table, step_batch.kv_lens, step_batch.query_start, step_batch.kernels)
     logits, cache = Transformer(config, dtype).apply(
         {"params": draft_params}, step_batch.tokens, step_batch.positions, backend, draft_cache, logits_index=batch.verify_index[:, 0]
     )

@@ -27,7 +27,6 @@ from jinfer.sampling import MAX_LOGPROBS, SampleResult, SamplingBatch, apply_pen
 class StepBatch:
     tokens: jax.Array  # [T] int32 token ids (padding: 0)
     positions: jax.Array  # [T] int32 position of each token in its sequence
-    token_rows: jax.Array  # [T] int32 row of each token
     slots: jax.Array  # [T] int32 flat KV slot each token writes (padding: the null page)
     page_table: jax.Array  # [R, P] int32 pages of each row (padding: the null page)
     kv_lens: jax.Array  # [R] int32 tokens of each row in the cache once this step's are written (padding: 0)
@@ -58,7 +57,7 @@ def penalised(logits, batch: StepBatch):
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("kv_cache",))
 def step(params, kv_cache, batch: StepBatch, *, config: ModelConfig, dtype):
-    backend = PagedAttention(batch.token_rows, batch.slots, batch.page_table, batch.kv_lens, batch.query_start, batch.kernels)
+    backend = PagedAttention(batch.slots, batch.page_table, batch.kv_lens, batch.query_start, batch.kernels)
     with kernel_scope(batch.kernels):
         logits, kv_cache = Transformer(config, dtype).apply(
             {"params": params}, batch.tokens, batch.positions, backend, kv_cache, logits_index=batch.logits_index

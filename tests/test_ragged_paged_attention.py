@@ -202,7 +202,7 @@ def test_the_engine_paths_write_and_attend_alike_with_int8_pages():
 
     def run(kernels):
         backend = PagedAttention(
-            *(jnp.asarray(np.pad(a, pad), jnp.int32) for a in (token_rows, slots)),
+            jnp.asarray(np.pad(slots, pad), jnp.int32),
             jnp.asarray(batch.page_table), jnp.asarray(batch.kv_lens), jnp.asarray(batch.query_start), kernels=kernels,
         )
         call = lambda q, k, v, p, c: backend(q, k, v, p, c, layer)  # noqa: E731

@@ -34,7 +34,6 @@ def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
 
     tokens = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
-    token_rows = np.zeros(num_tokens, np.int32)
     slots = np.full(num_tokens, NULL_PAGE * page_size, np.int32)
     page_table = np.full((num_rows, pages_per_row), NULL_PAGE, np.int32)
     kv_lens = np.zeros(num_rows, np.int32)
@@ -55,7 +54,6 @@ def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
         tokens[cursor : cursor + row.num_tokens] = ids[row.start : row.start + row.num_tokens]
         tokens[cursor + row.num_tokens : cursor + row.num_tokens + len(row.drafts)] = row.drafts
         positions[span] = chunk_positions
-        token_rows[span] = i
         slots[span] = slots_for(np.asarray(request.pages), chunk_positions, page_size)
         page_table[i, : len(request.pages)] = request.pages
         kv_lens[i] = row.start + length
@@ -75,7 +73,6 @@ def build_batch(schedule: Schedule, config: EngineConfig) -> StepBatch:
     return StepBatch(
         tokens=tokens,
         positions=positions,
-        token_rows=token_rows,
         slots=slots,
         page_table=page_table,
         kv_lens=kv_lens,
@@ -119,7 +116,6 @@ def padding_batch(config: EngineConfig, num_tokens: int, num_rows: int, pages_pe
     return StepBatch(
         tokens=np.zeros(num_tokens, np.int32),
         positions=np.zeros(num_tokens, np.int32),
-        token_rows=np.zeros(num_tokens, np.int32),
         slots=np.full(num_tokens, NULL_PAGE * config.page_size, np.int32),
         page_table=np.full((num_rows, pages_per_row), NULL_PAGE, np.int32),
         kv_lens=rows,

@@ -213,14 +213,13 @@ def paged_attention_kernel(q, k, v, cache, slots, kv_lens, page_table, query_sta
 class PagedAttention:
     """A ragged batch against the KV page pool: writes each token's K/V, then attends through the page table.
 
-    token_rows: [T] int32 row of each token; slots: [T] int32 flat cache slot of each token's K/V
-    (padding tokens write into the null page); page_table: [R, P] int32 page ids of each row;
+    slots: [T] int32 flat cache slot of each token's K/V (padding tokens write into the null page);
+    page_table: [R, P] int32 page ids of each row;
     kv_lens: [R] int32 tokens of each row in the cache after this step (0 for padding rows);
     query_start: [R + 1] int32 index in T of each row's first token (a row's tokens are contiguous,
     rows in order). `kernels` (static) picks the XLA reference or the Pallas kernels (jinfer.ops.backend).
     """
 
-    token_rows: jax.Array
     slots: jax.Array
     page_table: jax.Array
     kv_lens: jax.Array
