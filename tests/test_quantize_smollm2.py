@@ -24,8 +24,8 @@ DECISIVE = 0.1
 
 
 @pytest.fixture(scope="module")
-def f32(smollm2_gguf):
-    return jinfer.load(smollm2_gguf)
+def f32(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")

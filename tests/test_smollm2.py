@@ -19,8 +19,8 @@ CONTINUATION = 32
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_gguf):
-    return jinfer.load(smollm2_gguf)
+def ours(smollm2):
+    return smollm2
 
 
 @pytest.fixture(scope="module")

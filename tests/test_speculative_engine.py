@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-import jinfer
 from jinfer import config as config_lib
 from jinfer.config import EngineConfig
 from jinfer.engine.engine import Engine
@@ -212,11 +211,6 @@ PASSAGE = (
     "the great lens and wound the clockwork that turned the light. Ships far out at sea saw the beam sweep "
     "across the water and knew where the rocks were."
 )
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    return jinfer.load(smollm2_gguf)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from jinfer.cache import format_bytes
 from jinfer.checkpoint import orbax_io
 from jinfer.defaults import default_model_path
 from jinfer.engine.engine import Engine
-from jinfer.eval.modes import MODES, check_modes, load_mode
+from jinfer.eval.modes import MODES, check_modes_flag, load_mode
 from jinfer.quantize import parameter_bytes, quantization_record
 
 flags.DEFINE_string("model", None, "GGUF file, HF directory or jinfer checkpoint (default: the SmolLM2 GGUF).")
@@ -70,10 +70,7 @@ def measure(model_path: pathlib.Path, mode: str, options: BenchmarkOptions) -> d
 
 def main(argv):
     del argv
-    try:
-        check_modes(FLAGS.modes)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
+    check_modes_flag(FLAGS.modes)
     model_path = pathlib.Path(FLAGS.model or default_model_path())
     options = BenchmarkOptions(
         model=str(model_path), prefill_tokens=FLAGS.prefill_tokens, batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),

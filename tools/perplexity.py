@@ -23,7 +23,7 @@ import time
 from absl import app, flags
 
 from jinfer.defaults import default_model_path
-from jinfer.eval.modes import MODES, check_modes, load_mode
+from jinfer.eval.modes import MODES, check_modes_flag, load_mode
 from jinfer.eval.perplexity import PerplexityResult, perplexity
 
 PYDOC_PREFIX = "pydoc:"
@@ -68,10 +68,7 @@ def evaluate(model_path: pathlib.Path, mode: str, text: str) -> tuple[Perplexity
 
 def main(argv):
     del argv
-    try:
-        check_modes(FLAGS.modes)
-    except ValueError as error:
-        raise app.UsageError(str(error)) from error
+    check_modes_flag(FLAGS.modes)
     model_path = pathlib.Path(FLAGS.model or default_model_path())
     text = read_text(FLAGS.text)
     rows = []

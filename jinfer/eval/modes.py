@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import jax.numpy as jnp
+from absl import app
 
 import jinfer
 
@@ -37,6 +38,14 @@ def check_modes(names: list[str]) -> None:
     unknown = [name for name in names if name not in MODES]
     if unknown:
         raise ValueError(f"unknown modes {unknown}; supported: {', '.join(MODES)}")
+
+
+def check_modes_flag(names: list[str]) -> None:
+    """check_modes for a tool's --modes flag: an unknown mode is a usage error."""
+    try:
+        check_modes(names)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
 
 
 def load_mode(path: str | os.PathLike, name: str) -> jinfer.Model:
