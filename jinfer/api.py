@@ -70,14 +70,17 @@ class LLM:
         seed: int = 0,
         quantize: str | None = None,
         group_size: int | None = None,
+        quantize_lm_head: bool = True,
         speculative: SpeculativeConfig | None = None,
         **engine_options,
     ):
-        """`quantize` ("int8" / "int4" with `group_size`): weight-only quantization on load (jinfer.load).
-        `speculative`: speculative decoding (n-gram lookup, self-drafting, or a draft model loaded from
-        `speculative.draft_model` like the target)."""
+        """`quantize` ("int8" / "int4" with `group_size`, "w8a8", "gguf"): quantization on load
+        (jinfer.load), the LM head too unless `quantize_lm_head` is False.
+        `speculative`: speculative decoding (n-gram lookup, self-drafting, a draft model loaded from
+        `speculative.draft_model` like the target, or the draft heads saved at `speculative.draft_heads`
+        by tools/train_draft_heads.py)."""
         path = model if model is not None else default_model_path()
-        self.model = load(path, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size)
+        self.model = load(path, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size, quantize_lm_head=quantize_lm_head)
         draft = None if speculative is None or speculative.draft_model is None else load(speculative.draft_model, dtype=dtype, mesh=mesh)
         self.engine = Engine(self.model, EngineConfig(**engine_options), seed=seed, speculative=speculative, draft_model=draft)
 

@@ -2,8 +2,8 @@
 
 Protocol (greedy, EOS ignored): at each batch size B, B requests of `decode_steps` tokens; the
 prompts are, for n-gram lookup, a prose passage (`PASSAGES`, in turn) followed by a request to repeat
-it (a summarisation-style prompt: the answer copies the prompt), and for the model drafters the
-decode benchmark's chat prompt. (Windows of the benchmark's docstring corpus were tried first:
+it (a summarisation-style prompt: the answer copies the prompt), and for the model drafters and the
+draft heads the decode benchmark's chat prompt. (Windows of the benchmark's docstring corpus were tried first:
 SmolLM2 answers them with code, not a copy, and n-gram acceptance fell from 0.74 to 0.40.) A pass prefills until every request has its first
 token, then times the steps until all finish: decode tokens/s = tokens generated in those steps /
 their time. One warm-up pass (it compiles), then `repeats` passes of plain and speculative decoding
@@ -72,11 +72,13 @@ def _pass(engine: Engine, prompts: list[list[int]], steps: int) -> tuple[float, 
     return (sum(len(r.output_ids) for r in requests) - before) / elapsed, [r.output_ids for r in requests]
 
 
-def run_speculative_benchmark(options: BenchmarkOptions, method: str, num_tokens: int, draft_model: str | None = None) -> dict:
+def run_speculative_benchmark(
+    options: BenchmarkOptions, method: str, num_tokens: int, draft_model: str | None = None, draft_heads: str | None = None
+) -> dict:
     model_path = str(options.model if options.model is not None else default_model_path())
     model = load(model_path, dtype=options.dtype)
     draft = load(draft_model, dtype=options.dtype) if draft_model else None
-    spec = SpeculativeConfig(method=method, num_tokens=num_tokens, draft_model=draft_model)
+    spec = SpeculativeConfig(method=method, num_tokens=num_tokens, draft_model=draft_model, draft_heads=draft_heads)
     prompts = {batch: prompts_for(method, model, batch) for batch in options.batch_sizes}
     longest = max(len(p) for group in prompts.values() for p in group) + options.decode_steps + 1
     config = EngineConfig(

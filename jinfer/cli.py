@@ -15,10 +15,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 flags.DEFINE_enum("quantize", None, ["int8", "int4", "gguf", "w8a8"], "Quantization of the linear layers on load (gguf: a GGUF file's quantized weights as stored; w8a8: int8 weights and dynamically quantized int8 activations); convert: write them quantized.")
+flags.DEFINE_bool("quantize_lm_head", True, "With --quantize: quantize the LM head too (a tied head gets a quantized copy of the embedding).")
 flags.DEFINE_integer("group_size", None, "Quantization group size (32, 64 or 128; int8 default: one scale per output channel).")
-flags.DEFINE_enum("speculative", None, ["ngram", "self", "draft"], "Speculative decoding: n-gram prompt lookup, self-drafting (the first layers), or --draft_model; bench: measure it against plain decoding.")
+flags.DEFINE_enum("speculative", None, ["ngram", "self", "draft", "heads"], "Speculative decoding: n-gram prompt lookup, self-drafting (the first layers), --draft_model, or --draft_heads; bench: measure it against plain decoding.")
 flags.DEFINE_integer("num_speculative_tokens", 4, "Speculative decoding: drafts per pass (k, 1 to 16).")
 flags.DEFINE_string("draft_model", None, "Speculative decoding: the draft model (same vocabulary) for --speculative=draft.")
+flags.DEFINE_string("draft_heads", None, "Speculative decoding: the draft heads checkpoint (tools/train_draft_heads.py) for --speculative=heads.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:1,model:8 (default: one device); convert: write the checkpoint laid out for it.")
 flags.DEFINE_string("prompt", None, "generate: the prompt (else --prompt_file, else stdin).")
 flags.DEFINE_string("prompt_file", None, "generate: a file with one prompt per line.")
@@ -95,7 +97,7 @@ def _sampling_params():
 def _llm():
     from jinfer.api import LLM
 
-    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, speculative=_speculative(), **_engine_options())
+    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, quantize_lm_head=FLAGS.quantize_lm_head, speculative=_speculative(), **_engine_options())
 
 
 def _speculative():
@@ -103,7 +105,7 @@ def _speculative():
         return None
     from jinfer.speculative import SpeculativeConfig
 
-    return SpeculativeConfig(method=FLAGS.speculative, num_tokens=FLAGS.num_speculative_tokens, draft_model=FLAGS.draft_model)
+    return SpeculativeConfig(method=FLAGS.speculative, num_tokens=FLAGS.num_speculative_tokens, draft_model=FLAGS.draft_model, draft_heads=FLAGS.draft_heads)
 
 
 def _prompts() -> list[str]:
@@ -186,7 +188,7 @@ def bench() -> None:
     if FLAGS.speculative:
         from jinfer.bench_speculative import format_speculative_table, run_speculative_benchmark
 
-        results = run_speculative_benchmark(options, FLAGS.speculative, FLAGS.num_speculative_tokens, FLAGS.draft_model)
+        results = run_speculative_benchmark(options, FLAGS.speculative, FLAGS.num_speculative_tokens, FLAGS.draft_model, FLAGS.draft_heads)
         if FLAGS.json:
             write_json(results, FLAGS.json)
         print(format_speculative_table(results))
@@ -206,7 +208,7 @@ def convert() -> None:
         raise app.UsageError("convert needs --output=DIRECTORY")
     source = _model_path()
     mesh = _mesh()
-    convert_checkpoint(source, FLAGS.output, FLAGS.dtype, mesh, FLAGS.quantize, FLAGS.group_size)
+    convert_checkpoint(source, FLAGS.output, FLAGS.dtype, mesh, FLAGS.quantize, FLAGS.group_size, FLAGS.quantize_lm_head)
     if FLAGS.parity:
         print(format_report(*parity_report(source, load(FLAGS.output, dtype=FLAGS.dtype, mesh=mesh))))
 

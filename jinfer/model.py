@@ -176,13 +176,16 @@ def load(
     cache: bool = True,
     quantize: str | None = None,
     group_size: int | None = None,
+    quantize_lm_head: bool = True,
 ) -> Model:
     """Loads a GGUF file, an HF safetensors directory, a jinfer Orbax checkpoint, or a preset (random weights).
 
     With `cache`, a GGUF file is decoded once and kept in the model cache (see `checkpoint.model_cache`).
-    `quantize` ("int8" or "int4", with `group_size`) quantizes the linear layers' weights after loading
-    (see `jinfer.quantize`); the embedding stays in `dtype`. `quantize="gguf"` keeps a GGUF file's
-    quantized linear weights as stored (`checkpoint.gguf_quant`: Q4_1 stays 4-bit, no float detour).
+    `quantize` ("int8", "int4" with `group_size`, or "w8a8") quantizes the linear layers' weights after
+    loading (see `jinfer.quantize`), and the LM head unless `quantize_lm_head` is False (a head tied to
+    the embedding gets a quantized copy; the embedding lookup stays in `dtype`). `quantize="gguf"` keeps
+    a GGUF file's quantized linear weights as stored (`checkpoint.gguf_quant`: Q4_1 stays 4-bit, no
+    float detour; a tied head stays float, an untied one is stored as the file has it).
     A quantized jinfer checkpoint (`jinfer convert --quantize=...`) restores its layouts directly;
     `quantize`, if given, must then name the mode it was made with.
     """
@@ -197,7 +200,7 @@ def load(
     model = _load_float(path_or_preset, dtype, mesh, seed, cache)
     if quantize is None:
         return model
-    return dataclasses.replace(model, params=quantize_params(model.params, quantize, group_size))
+    return dataclasses.replace(model, params=quantize_params(model.params, quantize, group_size, lm_head=quantize_lm_head))
 
 
 def _load_quantized_checkpoint(path: pathlib.Path, dtype: Any, mesh: Mesh | None, quantize: str | None, group_size: int | None) -> Model:

@@ -4,7 +4,10 @@ and the record of a quantized parameter tree that a quantized checkpoint keeps b
 Each quantized kernel replaces its float `[*out, *in]` array in the parameter tree by an
 `Int8Weights` / `Int4Weights` of the 2-D `[fan_out, fan_in]` matrix the layer multiplies by
 (pallas_kernels/quantized_matmul/layout.py); `Linear` runs those through `jinfer.ops.matmul`.
-The embedding (and with it a tied LM head), norms, biases and MoE experts stay in float.
+Norms, biases, MoE experts and the embedding lookup stay in float. The LM head is quantized
+unless `lm_head=False`: an untied `lm_head` like any linear layer; a head tied to the embedding
+gets a quantized copy of the embedding matrix (`tied_lm_head`) beside the float rows the lookup
+reads, since decode reads the whole head every token but only one embedding row per token.
 
 Modes: "int8" and "int4" quantize float weights after loading; "gguf" keeps a GGUF file's
 quantized blocks as they are (`jinfer.checkpoint.gguf_quant`), with no float detour; "w8a8" stores
@@ -33,7 +36,8 @@ MODES = ("int8", "int4", GGUF, W8A8)
 GROUP_SIZES = (32, 64, 128)
 # Linear layers whose kernel has more than one input axis: o_proj contracts (heads, head_dim).
 INPUT_AXES = {"o_proj": 2}
-QUANTIZED_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+TIED_LM_HEAD = "tied_lm_head"  # top-level params entry: the quantized copy of a tied embedding that the LM head multiplies by
+QUANTIZED_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", TIED_LM_HEAD)
 
 
 def check_mode(mode: str | None, group_size: int | None) -> None:
@@ -62,8 +66,9 @@ def matrix_shape(path: tuple[str, ...], kernel_shape: tuple[int, ...]) -> tuple[
     return math.prod(kernel_shape[:-input_axes]), math.prod(kernel_shape[-input_axes:])
 
 
-def quantize_params(params, mode: str, group_size: int | None = None):
-    """params: a float parameter tree -> the same tree with every linear kernel quantized.
+def quantize_params(params, mode: str, group_size: int | None = None, lm_head: bool = True):
+    """params: a float parameter tree -> the same tree with every linear kernel quantized, the LM
+    head too unless `lm_head` is False (`with_tied_lm_head` for a head tied to the embedding).
 
     int8 uses one scale per output channel unless `group_size` is given; int4 is asymmetric (a scale
     and a min per group of `group_size`, as GGUF's Q4_1), which keeps a lopsided group's range. A
@@ -74,9 +79,19 @@ def quantize_params(params, mode: str, group_size: int | None = None):
         raise ValueError("quantize='gguf' reads a GGUF file's quantized blocks as stored; it cannot quantize float weights")
     flat = traverse_util.flatten_dict(params)
     for path, kernel in flat.items():
-        if is_quantizable(path):
+        if is_quantizable(path) and (lm_head or path[-2] != "lm_head"):
             flat[path] = _quantized(kernel, matrix_shape(path, kernel.shape), mode, group_size, "/".join(path))
-    return traverse_util.unflatten_dict(flat)
+    params = traverse_util.unflatten_dict(flat)
+    return with_tied_lm_head(params, mode, group_size) if lm_head else params
+
+
+def with_tied_lm_head(params, mode: str, group_size: int | None = None):
+    """params with a `tied_lm_head` kernel, the embedding [V, E] quantized in `mode`, when the model
+    ties its LM head to the embedding (no `lm_head` entry); otherwise params unchanged."""
+    if "embedding" not in params or "lm_head" in params:
+        return params
+    embedding = params["embedding"]
+    return {**params, TIED_LM_HEAD: {"kernel": _quantized(embedding, embedding.shape, mode, group_size, "embedding (tied LM head)")}}
 
 
 def _quantized(kernel, shape: tuple[int, int], mode: str, group_size: int | None, name: str):
@@ -150,7 +165,10 @@ def abstract_quantized_params(abstract_params, record: dict):
     or one that is not a linear kernel.
     """
     flat = traverse_util.flatten_dict(abstract_params)
-    by_name = {"/".join(path): path for path in flat}
+    if "embedding" in abstract_params and "lm_head" not in abstract_params:
+        flat[(TIED_LM_HEAD, "kernel")] = abstract_params["embedding"]
+    by_name = {"/".join(path): path for path in flat if path[0] != TIED_LM_HEAD or "/".join(path) in record["tensors"]}
+    flat = {path: flat[path] for path in by_name.values()}
     for name, entry in record["tensors"].items():
         path = by_name.get(name)
         if path is None or not is_quantizable(path):
@@ -164,10 +182,10 @@ def parameter_bytes(abstract_params) -> int:
     return sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract_params))
 
 
-def abstract_quantized_like(abstract_params, mode: str | None, group_size: int | None = None):
+def abstract_quantized_like(abstract_params, mode: str | None, group_size: int | None = None, lm_head: bool = True):
     """The ShapeDtypeStruct tree of the float `abstract_params` (e.g. from `jax.eval_shape`) quantized
-    in `mode` (None: as is), from shapes alone: nothing is allocated or traced, so it serves models
-    of any size."""
+    in `mode` (None: as is) as `quantize_params` would, from shapes alone: nothing is allocated or
+    traced, so it serves models of any size."""
     if mode is None:
         return abstract_params
     check_mode(mode, group_size)
@@ -178,5 +196,7 @@ def abstract_quantized_like(abstract_params, mode: str | None, group_size: int |
         W8A8: {"layout": "int8", "group_size": None, "activations": "int8"},
         "int4": {"layout": "int4", "group_size": group_size, "symmetric": False},
     }[mode]
-    paths = [path for path in traverse_util.flatten_dict(abstract_params) if is_quantizable(path)]
+    paths = [path for path in traverse_util.flatten_dict(abstract_params) if is_quantizable(path) and (lm_head or path[-2] != "lm_head")]
+    if lm_head and "embedding" in abstract_params and "lm_head" not in abstract_params:
+        paths.append((TIED_LM_HEAD, "kernel"))
     return abstract_quantized_params(abstract_params, {"tensors": {"/".join(path): entry for path in paths}})

@@ -11,7 +11,7 @@ agrees with, plus one token of the target's own, so each pass yields 1 to k + 1 
   normalise(max(p_i - q_i, 0)); when every draft is kept, a bonus token is drawn from p_k. The
   output is distributed exactly as sampling from p, whatever q is. p and q are the filtered
   distributions (temperature, top-k, top-p, min-p applied to both alike). A deterministic drafter
-  (n-gram lookup) has q_i = one-hot(x_i).
+  (n-gram lookup, draft heads) has q_i = one-hot(x_i).
 
 Everything on device is pure and fixed-shape: k is static, per-row draft counts are arrays
 (rows without drafts have 0 and take one ordinary token).
@@ -26,20 +26,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("ngram", "draft", "self")
+METHODS = ("ngram", "draft", "self", "heads")
 MAX_NUM_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """method: "ngram" (prompt lookup), "draft" (a smaller model sharing the tokenizer) or "self"
-    (the target's first `self_layers` layers + its final norm and LM head); num_tokens: k, the most
-    drafts per pass (1 to MAX_NUM_TOKENS). A request whose running acceptance (see
+    """method: "ngram" (prompt lookup), "draft" (a smaller model sharing the tokenizer), "self"
+    (the target's first `self_layers` layers + its final norm and LM head) or "heads" (the
+    Medusa-style heads saved at `draft_heads`, see `jinfer.draft_heads`, drafting the next pass from
+    the target's hidden states); num_tokens: k, the most drafts per pass (1 to MAX_NUM_TOKENS, at
+    most the number of heads). A request whose running acceptance (see
     `jinfer.engine.speculation`) falls below `min_acceptance` decodes plainly for a while."""
 
     method: str = "ngram"
     num_tokens: int = 4
     draft_model: str | None = None
+    draft_heads: str | None = None
     max_ngram: int = 3
     min_ngram: int = 1
     self_layers: int | None = None  # None: a quarter of the target's layers (at least 1)
@@ -52,6 +55,8 @@ class SpeculativeConfig:
             raise ValueError(f"num_tokens={self.num_tokens!r} must be an int between 1 and {MAX_NUM_TOKENS}")
         if (self.method == "draft") != (self.draft_model is not None):
             raise ValueError(f"draft_model={self.draft_model!r} must be given exactly when method is 'draft' (got {self.method!r})")
+        if (self.method == "heads") != (self.draft_heads is not None):
+            raise ValueError(f"draft_heads={self.draft_heads!r} must be given exactly when method is 'heads' (got {self.method!r})")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"n-gram sizes min_ngram={self.min_ngram}, max_ngram={self.max_ngram} need 1 <= min <= max")
         if self.self_layers is not None and self.self_layers < 1:

@@ -8,6 +8,7 @@ rows without drafts (prefill chunks, plain decodes) run as in `step.step`. Insid
 
 1. Drafting, by the static `method`:
    - "ngram": the drafts came from the host (prompt lookup) and are already in the chunk; q is one-hot.
+   - "heads": likewise host drafts, which the previous pass computed (step 4); q is one-hot.
    - "self": k one-token passes through the target's first `draft_layers` layers + its final norm
      and LM head, writing their K/V into the target's own pool for those layers (the target's
      full pass over the same tokens and positions rewrites those slots right after).
@@ -22,6 +23,10 @@ rows without drafts (prefill chunks, plain decodes) run as in `step.step`. Insid
    sampled rows use the rejection rule on the filtered distributions. Rows without drafts take one
    ordinary token: the argmax (as `step.step`), or a draw from their filtered, penalised
    distribution (the same distribution as `step.step`'s, though not the same draw for a seed).
+4. Method "heads" only: the verification pass also returns the final hidden states at the k + 1
+   positions; each row's state at its last accepted position (the one whose logits gave the row's
+   newest token) goes through the draft heads (`jinfer.draft_heads`), whose argmaxes are the drafts
+   of the row's next pass (`next_drafts`): they continue exactly the tokens this pass produced.
 
 A batch whose rows are all greedy compiles without any of the sampling machinery (the static
 `sampled` flag): XLA:CPU took about 3x longer to compile the program with it.
@@ -41,6 +46,7 @@ from jax import lax
 
 from jinfer.cache import NULL_PAGE
 from jinfer.config import ModelConfig
+from jinfer.draft_heads import propose
 from jinfer.models.transformer import Transformer
 from jinfer.ops.attention import PagedAttention
 from jinfer.ops.backend import kernel_scope
@@ -58,7 +64,7 @@ class SpeculativeBatch:
     verify_index: jax.Array  # [R, K+1] int32 index in T of each row's last token and its drafts (the last repeated past k_r)
     draft_tokens: jax.Array  # [R, K] int32 drafts proposed on the host ("ngram"; zeros otherwise)
     num_drafts: jax.Array  # [R] int32 k_r, drafts of each row (0: one ordinary token)
-    method: str = flax.struct.field(pytree_node=False, default="ngram")  # static: "ngram" | "self" | "draft"
+    method: str = flax.struct.field(pytree_node=False, default="ngram")  # static: "ngram" | "self" | "draft" | "heads"
     draft_layers: int = flax.struct.field(pytree_node=False, default=0)  # static: target layers the "self" drafter runs
     draft_config: ModelConfig | None = flax.struct.field(pytree_node=False, default=None)  # static: the "draft" model's config
     sampled: bool = flax.struct.field(pytree_node=False, default=True)  # static: some row samples (False: greedy-only program)
@@ -71,12 +77,16 @@ class SpeculativeOutput:
     logprob: jax.Array  # [R, K+1] float32 of `tokens` under the target's log_softmax
     top_ids: jax.Array  # [R, K+1, n] int32, most likely first
     top_logprobs: jax.Array  # [R, K+1, n] float32
+    next_drafts: jax.Array  # [R, K] int32 the next pass's drafts (method "heads"; zeros otherwise)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("kv_cache",))
 def speculative_step(params, kv_cache, batch: SpeculativeBatch, *, config: ModelConfig, dtype):
-    """params, kv_cache: the target's, or (target, draft) pairs for method "draft"."""
+    """params, kv_cache: the target's, or (target, draft) pairs for method "draft"; for method "heads"
+    params is (target, draft heads) and kv_cache the target's."""
     step_batch = batch.step
+    if batch.method == "heads":
+        params, heads = params
     with kernel_scope(step_batch.kernels):
         if batch.method == "draft":
             (params, draft_params), (kv_cache, draft_cache) = params, kv_cache
@@ -91,13 +101,25 @@ def speculative_step(params, kv_cache, batch: SpeculativeBatch, *, config: Model
         backend = PagedAttention(
             step_batch.slots, step_batch.page_table, step_batch.kv_lens, step_batch.query_start, step_batch.kernels
         )
-        logits, kv_cache = Transformer(config, dtype).apply(
-            {"params": params}, tokens, step_batch.positions, backend, kv_cache, logits_index=batch.verify_index.reshape(-1)
+        logits, kv_cache, *hidden = Transformer(config, dtype).apply(
+            {"params": params}, tokens, step_batch.positions, backend, kv_cache, logits_index=batch.verify_index.reshape(-1),
+            return_hidden=batch.method == "heads",
         )
-    logits = logits.reshape(rows, width, -1)
-    logits = logits.at[:, 0].set(penalised(logits[:, 0], step_batch))  # rows with penalties never have drafts
-    output = _verify(logits, drafts, draft_probs, batch)
+        logits = logits.reshape(rows, width, -1)
+        logits = logits.at[:, 0].set(penalised(logits[:, 0], step_batch))  # rows with penalties never have drafts
+        output = _verify(logits, drafts, draft_probs, batch)
+        if batch.method == "heads":
+            next_drafts = _head_drafts(heads, params, hidden[0].reshape(rows, width, -1), output.num_accepted, config, dtype)
+            output = output.replace(next_drafts=next_drafts)
     return (kv_cache, draft_cache) if batch.method == "draft" else kv_cache, output
+
+
+def _head_drafts(heads, params, hidden, num_accepted, config: ModelConfig, dtype):
+    """The draft heads on each row's hidden state at its last accepted position, whose LM-head logits
+    gave the row's newest token: heads 1..K guess the K tokens after it. hidden: [R, K+1, embed];
+    num_accepted: [R] int32 -> [R, K] int32."""
+    last = jnp.take_along_axis(hidden, num_accepted[:, None, None], axis=1)[:, 0]  # [R, embed]
+    return propose(heads, params, last, hidden.shape[1] - 1, config, dtype)
 
 
 def _verify(logits, drafts, draft_probs, batch: SpeculativeBatch) -> SpeculativeOutput:
@@ -124,7 +146,7 @@ def _verify(logits, drafts, draft_probs, batch: SpeculativeBatch) -> Speculative
         lambda: tuple(lax.top_k(logits, MAX_LOGPROBS)),
         lambda: (jnp.zeros((rows, width, MAX_LOGPROBS), logits.dtype), jnp.zeros((rows, width, MAX_LOGPROBS), jnp.int32)),
     )
-    return SpeculativeOutput(tokens, accepted, logprob, top_ids, top_values - normalizer[..., None])
+    return SpeculativeOutput(tokens, accepted, logprob, top_ids, top_values - normalizer[..., None], jnp.zeros_like(drafts))
 
 
 def _accept_row(target_probs, draft_probs, drafts, num_drafts, key):

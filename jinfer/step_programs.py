@@ -31,7 +31,7 @@ from jinfer.step import StepOutput, step
 
 _OUTPUT_TREES = {
     False: jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0)),
-    True: jax.tree.structure(SpeculativeOutput(0, 0, 0, 0, 0)),
+    True: jax.tree.structure(SpeculativeOutput(0, 0, 0, 0, 0, 0)),
 }
 
 

@@ -101,27 +101,26 @@ def test_unknown_model_is_named():
         LLM("no-such-model.gguf")
 
 
-def test_cli_generate_prints_the_greedy_answer(llm):
-    result = subprocess.run(
-        [sys.executable, "-m", "jinfer.cli", "generate", "--prompt=What is the capital of France?", "--max_tokens=12", "--compilation_cache="],
+def test_cli_generate_and_chat_print_the_greedy_answer(llm, tmp_path):
+    """`generate` fills a compilation cache that `chat` then starts from (as a user's second run does)."""
+    cache = f"--compilation_cache={tmp_path / 'xla'}"
+    (expected,) = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    generate = subprocess.run(
+        [sys.executable, "-m", "jinfer.cli", "generate", "--prompt=What is the capital of France?", "--max_tokens=12", cache],
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (expected,) = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
-    assert result.stdout.strip() == expected.outputs[0].text.strip()
-    assert "memory plan" in result.stderr
-
-
-def test_cli_chat_streams_replies_until_an_empty_line(llm):
-    result = subprocess.run(
-        [sys.executable, "-m", "jinfer.cli", "chat", "--max_tokens=12", "--compilation_cache="],
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    assert generate.stdout.strip() == expected.outputs[0].text.strip()
+    assert "memory plan" in generate.stderr
+    assert list((tmp_path / "programs").iterdir()), "generate saved no step programs"
+    chat = subprocess.run(
+        [sys.executable, "-m", "jinfer.cli", "chat", "--max_tokens=12", cache],
         input="What is the capital of France?\n\n",
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (expected,) = llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
-    assert expected.outputs[0].text.strip() in result.stdout
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert expected.outputs[0].text.strip() in chat.stdout

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import jinfer
 import jinfer.model
@@ -44,27 +45,50 @@ def float_model(tiny_dir):
 
 
 def with_dequantized_kernels(float_model, quantized_params):
-    """The float model whose kernels are replaced by the dequantized quantized ones, reshaped back."""
-
-    def restore(float_leaf, quantized_leaf):
-        if isinstance(quantized_leaf, (Int8Weights, Int4Weights)):
-            return dequantize(quantized_leaf).reshape(float_leaf.shape)
-        return float_leaf
-
-    is_quantized = lambda leaf: isinstance(leaf, (Int8Weights, Int4Weights))  # noqa: E731
-    params = jax.tree.map(restore, float_model.params, quantized_params, is_leaf=is_quantized)
-    return jinfer.Model(float_model.config, params, None, float_model.dtype)
+    """The float model whose kernels (and the tied LM head's copy of the embedding) are the
+    dequantized quantized ones, reshaped back."""
+    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(float_model.params).items()}
+    flat = traverse_util.flatten_dict(quantized_params)
+    for path, leaf in flat.items():
+        if is_quantized(leaf):
+            flat[path] = dequantize(leaf).reshape(shapes.get(path, leaf.shape))
+    return jinfer.Model(float_model.config, traverse_util.unflatten_dict(flat), None, float_model.dtype)
 
 
 @pytest.mark.parametrize("mode, group_size, layout", MODES)
 def test_quantized_model_equals_the_float_model_on_dequantized_weights(tiny_dir, float_model, mode, group_size, layout):
     quantized = jinfer.load(tiny_dir, quantize=mode, group_size=group_size)
     kernels = [leaf for leaf in jax.tree.leaves(quantized.params, is_leaf=lambda x: isinstance(x, layout)) if isinstance(leaf, layout)]
-    untied_head = not float_model.config.tie_word_embeddings
-    assert len(kernels) == 7 * float_model.config.num_layers + untied_head  # q, k, v, o, gate, up, down (+ lm_head)
+    assert len(kernels) == 7 * float_model.config.num_layers + 1  # q, k, v, o, gate, up, down, and the LM head
+    assert ("tied_lm_head" in quantized.params) == float_model.config.tie_word_embeddings
     logits = quantized.logits(TOKENS)
     assert_close(logits, with_dequantized_kernels(float_model, quantized.params).logits(TOKENS))
     assert_close(logits, float_model.logits(TOKENS), atol=0.05 if mode == "int8" else 0.5)
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama_tied")
+    save_tiny_model("llama_tied_mqa", directory)
+    return directory
+
+
+def test_a_tied_lm_head_multiplies_by_a_quantized_copy_of_the_embedding(tied_dir, tmp_path):
+    float_model = jinfer.load(tied_dir)
+    quantized = jinfer.load(tied_dir, quantize="int8")
+    head = quantized.params["tied_lm_head"]["kernel"]
+    assert isinstance(head, Int8Weights) and head.shape == float_model.params["embedding"].shape
+    np.testing.assert_array_equal(quantized.params["embedding"], float_model.params["embedding"])  # the lookup stays float
+    logits = quantized.logits(TOKENS)
+    assert_close(logits, with_dequantized_kernels(float_model, quantized.params).logits(TOKENS))
+    assert not np.array_equal(logits, jinfer.load(tied_dir, quantize="int8", quantize_lm_head=False).logits(TOKENS))
+    convert(tied_dir, tmp_path / "int8", quantize="int8")
+    np.testing.assert_array_equal(jinfer.load(tmp_path / "int8").logits(TOKENS), logits)
+
+
+def test_the_lm_head_stays_float_by_flag(tiny_dir, tied_dir):
+    assert not is_quantized(jinfer.load(tiny_dir, quantize="int8", quantize_lm_head=False).params["lm_head"]["kernel"])
+    assert "tied_lm_head" not in jinfer.load(tied_dir, quantize="w8a8", quantize_lm_head=False).params
 
 
 def test_the_engine_serves_a_quantized_model(tiny_dir):

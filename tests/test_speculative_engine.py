@@ -215,17 +215,27 @@ PASSAGE = (
 
 @pytest.mark.slow
 def test_smollm2_greedy_ngram_speculation_equals_plain(smollm2):
-    """The real model at batch 8, n-gram drafts on passages it is asked to repeat (batch 1 is covered
-    on the tiny models: each SmolLM2 bucket is a 30-layer compile). Layer-skip on SmolLM2 keeps almost
-    no drafts — an untrained early exit — so self-drafting's exactness is shown on the tiny models,
-    where one layer and every layer give rejected and accepted drafts."""
+    """The real model at batch 8, then one of its prompts alone, with n-gram drafts on passages it is
+    asked to repeat. Plain greedy decoding is checked teacher-forced: one full-sequence forward over
+    each prompt and its speculative output gives, at every generated position, that token as its
+    argmax (a plain greedy run would compile the 30-layer step again for every bucket). Layer-skip on
+    SmolLM2 keeps almost no drafts — an untrained early exit — so self-drafting's exactness is shown
+    on the tiny models, where one layer and every layer give rejected and accepted drafts."""
     tokenizer = smollm2.tokenizer
     asks = ["Repeat this passage word for word:", "Summarise this passage:", "Copy the text below exactly:", "Rewrite this passage:"]
     chats = [[{"role": "user", "content": f"{ask}\n\n{PASSAGE}"}] for ask in asks * 2]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False) for chat in chats]
     config = EngineConfig(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, page_size=16, kv_cache_memory="16MiB")
-    params = SamplingParams(temperature=0.0, max_tokens=12)
-    expected = [r.output_ids for r in _run(Engine(smollm2, config, measure_step_memory=False), prompts, params)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     engine = Engine(smollm2, config, measure_step_memory=False, speculative=SpeculativeConfig(method="ngram", num_tokens=4, min_acceptance=0.0))
-    assert [r.output_ids for r in _run(engine, prompts, params)] == expected
+    outputs = [r.output_ids for r in _run(engine, prompts, params)]
     assert engine.speculator.stats.accepted > 0
+    sequences = [prompt + output for prompt, output in zip(prompts, outputs)]
+    width = max(map(len, sequences))
+    logits = smollm2.logits(np.asarray([sequence + [0] * (width - len(sequence)) for sequence in sequences]))
+    for row, (prompt, output) in enumerate(zip(prompts, outputs)):
+        assert np.argmax(logits[row, len(prompt) - 1 : len(prompt) - 1 + len(output)], axis=-1).tolist() == output
+    accepted_at_batch_8 = engine.speculator.stats.accepted
+    (alone,) = _run(engine, prompts[:1], params)
+    assert alone.output_ids == outputs[0]
+    assert engine.speculator.stats.accepted > accepted_at_batch_8

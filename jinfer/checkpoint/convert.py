@@ -41,16 +41,17 @@ def convert(
     mesh: Mesh | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
+    quantize_lm_head: bool = True,
 ) -> Model:
     """Loads `source` tensor by tensor, writes `<output>/params` + config.json + tokenizer files.
 
     With `mesh` the parameters are loaded into that mesh and saved as they lie, each array chunked
     by its shards, so restoring into the same mesh reads every device's shard as one chunk.
-    With `quantize` ("int8", "int4" with `group_size`, or "gguf": a GGUF file's blocks as stored)
-    the quantized layouts are saved, and config.json records them (`quantize.quantization_record`),
+    With `quantize` ("int8", "int4" with `group_size`, "w8a8", or "gguf": a GGUF file's blocks as
+    stored; the LM head too unless `quantize_lm_head` is False) the quantized layouts are saved, and config.json records them (`quantize.quantization_record`),
     so `jinfer.load(output)` restores them without quantizing again.
     """
-    model = load(source, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size)
+    model = load(source, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size, quantize_lm_head=quantize_lm_head)
     record = None if quantize is None else quantization_record(model.params, quantize, group_size)
     output = orbax_io.save(output, model.params, model.config, record)
     if model.tokenizer is not None:

@@ -13,6 +13,7 @@ from absl import logging
 
 from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, kv_dtype, page_bytes, plan_memory, pool_sharding
 from jinfer.config import EngineConfig
+from jinfer.draft_heads import DraftHeads, check_heads, load_heads
 from jinfer.engine.batch import build_batch, padding_batch, speculative_batch
 from jinfer.engine.multihost import StepBroadcast
 from jinfer.engine.page_allocator import PageAllocator
@@ -53,7 +54,8 @@ class Engine:
     ):
         """`measure_step_memory` compiles the largest bucket up front to report its temporaries;
         `cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible.
-        `speculative` turns on speculative decoding (`draft_model`: the loaded model of method "draft")."""
+        `speculative` turns on speculative decoding (`draft_model`: the loaded model of method "draft";
+        method "heads" loads its draft heads from `speculative.draft_heads`)."""
         self.model = model
         self.config = config
         self.multihost = StepBroadcast(config, model.mesh) if jax.process_count() > 1 else None
@@ -62,6 +64,7 @@ class Engine:
         self.speculative = speculative
         self.draft_model = draft_model
         self._draft_layers = self._check_speculative()
+        self.draft_heads = self._load_draft_heads()
         self._step = StepPrograms(config.program_cache, model.config, model.dtype) if config.program_cache else JitStep(model.config, model.dtype)
         self.pool_sharding = pool_sharding(model.config, model.mesh)
         self.kv_dtype = kv_dtype(model.dtype, config.kv_cache_dtype)
@@ -114,6 +117,18 @@ class Engine:
             if draft.mesh is not None or self.model.mesh is not None:
                 raise ValueError("speculative decoding with a draft model runs on one device (mesh=None)")
         return spec.draft_layers(self.model.config.num_layers) if spec.method == "self" else 0
+
+    def _load_draft_heads(self) -> DraftHeads | None:
+        """Method "heads": the heads checked against the target and k, placed beside the target's
+        parameters (replicated over its mesh)."""
+        spec = self.speculative
+        if spec is None or spec.method != "heads":
+            return None
+        heads = load_heads(spec.draft_heads, self.model.dtype)
+        check_heads(heads, self.model.config, spec.num_tokens, spec.draft_heads)
+        mesh = self.model.mesh
+        device = jax.devices()[0] if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return DraftHeads(jax.device_put(heads.params, device), heads.vocab_size)
 
     @property
     def bucket_shapes_used(self) -> set[tuple[int, ...]]:
@@ -173,10 +188,13 @@ class Engine:
         """Schedules, runs one jitted step, and applies the sampled tokens."""
         schedule = self.scheduler.schedule()
         self._poison_freed_pages()
+        if self.speculator is not None:
+            for request in schedule.preempted:  # recomputed later: that pass drafts afresh
+                self.speculator.drop_drafts(request)
         if not schedule.rows:
             return []
         batch = build_batch(schedule, self.config)
-        if self.speculator is not None and (self.speculative.method == "draft" or schedule.speculates):
+        if self.speculator is not None and (self.speculative.method in ("draft", "heads") or schedule.speculates):
             width = self.speculative.num_tokens
             draft_config = None if self.draft_model is None else self.draft_model.config
             batch = speculative_batch(schedule, batch, width, self.speculative.method, self._draft_layers, draft_config)
@@ -195,7 +213,8 @@ class Engine:
             shape = (step_batch.tokens.shape[0], *step_batch.page_table.shape, step_batch.history.shape[1], batch.draft_tokens.shape[1])
             self._speculative_shapes.add(shape)
             if self.draft_model is None:
-                self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)
+                params = self.model.params if self.draft_heads is None else (self.model.params, self.draft_heads.params)
+                self.kv_cache, self.last_output = self._step(params, self.kv_cache, device_batch)
             else:
                 params = (self.model.params, self.draft_model.params)
                 (self.kv_cache, self.draft_cache), self.last_output = self._step(params, (self.kv_cache, self.draft_cache), device_batch)
@@ -225,7 +244,8 @@ class Engine:
 
     def _apply_speculative(self, schedule: Schedule, output: SpeculativeOutput) -> list[TokenEvent]:
         """Commits each row's last token and its accepted drafts, then appends the new tokens one by
-        one through the stop logic; a request that finishes drops the rest of its run."""
+        one through the stop logic; a request that finishes drops the rest of its run. With draft
+        heads, a row that goes on keeps the pass's drafts for its next pass."""
         now = time.perf_counter()
         events = []
         for i, row in enumerate(schedule.rows):
@@ -241,6 +261,8 @@ class Engine:
                 events.append(event)
                 if event.finished:
                     break
+            if self.draft_heads is not None and not request.finished:
+                self.speculator.store_drafts(request, output.next_drafts[i].tolist())
         return events
 
     def _append(self, request: Request, token: int, logprob: float, top_ids, top_logprobs, now: float) -> TokenEvent:

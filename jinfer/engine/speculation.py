@@ -6,6 +6,12 @@ change within a speculated run), with room for at least one draft below max_toke
 and the step's token budget. k_r = min(k, that room); n-gram rows propose up to k_r tokens and take
 k_r = 0 when the context has no match.
 
+Draft heads (method "heads") draft on device, one pass ahead: each pass returns every sampling row's
+drafts for its next pass (the pass that completes a prefill too), which the engine stores here
+(`store_drafts`) with the request's length. They are used only while the request still has that
+length (they continue exactly its tokens); a row without such drafts takes k_r = 0. A request's
+drafts are dropped when it is preempted (its recomputation drafts afresh) or finishes.
+
 Fallback rule: each request keeps an exponential average of its acceptance, a <- a / 2 + (accepted /
 drafted) / 2 after every pass with drafts, starting at 1. While a < `min_acceptance` the request
 decodes plainly (k_r = 0), except that every `RETRY_AFTER`-th of those steps probes again with drafts
@@ -54,6 +60,7 @@ class Speculator:
         self.config = config
         self.stats = SpeculationStats()
         self._acceptance: dict[str, _Acceptance] = {}
+        self._head_drafts: dict[str, tuple[int, tuple[int, ...]]] = {}  # request id -> (its length, drafts)
 
     def __call__(self, request: Request, room: int) -> tuple[int, tuple[int, ...]]:
         """(k_r, drafts) for a decoding request that may take up to `room` drafts; drafts are () when
@@ -65,7 +72,21 @@ class Speculator:
         if self.config.method == "ngram":
             drafts = tuple(propose_ngram(request.token_ids, limit, self.config.max_ngram, self.config.min_ngram))
             return len(drafts), drafts
+        if self.config.method == "heads":
+            drafts = self._stored_drafts(request)[:limit]
+            return len(drafts), drafts
         return limit, ()
+
+    def store_drafts(self, request: Request, drafts: tuple[int, ...]) -> None:
+        """The drafts a pass computed for `request`'s next pass, valid while it keeps its current length."""
+        self._head_drafts[request.request_id] = (request.num_tokens, tuple(drafts))
+
+    def drop_drafts(self, request: Request) -> None:
+        self._head_drafts.pop(request.request_id, None)
+
+    def _stored_drafts(self, request: Request) -> tuple[int, ...]:
+        length, drafts = self._head_drafts.get(request.request_id, (None, ()))
+        return drafts if length == request.num_tokens else ()
 
     def _falls_back(self, request: Request) -> bool:
         state = self._acceptance.get(request.request_id)
@@ -84,3 +105,4 @@ class Speculator:
 
     def forget(self, request: Request) -> None:
         self._acceptance.pop(request.request_id, None)
+        self.drop_drafts(request)

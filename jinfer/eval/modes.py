@@ -24,6 +24,7 @@ MODES = {
     "bf16": Mode({"dtype": jnp.bfloat16}),
     "int8": Mode({"dtype": jnp.float32, "quantize": "int8"}),
     "w8a8": Mode({"dtype": jnp.float32, "quantize": "w8a8"}),
+    "w8a8-float-head": Mode({"dtype": jnp.float32, "quantize": "w8a8", "quantize_lm_head": False}),
     "int4-g32": Mode({"dtype": jnp.float32, "quantize": "int4", "group_size": 32}),
     "int4-g64": Mode({"dtype": jnp.float32, "quantize": "int4", "group_size": 64}),
     "int4-g128": Mode({"dtype": jnp.float32, "quantize": "int4", "group_size": 128}),

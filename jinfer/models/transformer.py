@@ -17,6 +17,9 @@ from jinfer.config import ModelConfig
 from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_rope, matmul_by_kernel, rope_tables
 from jinfer.models.moe import MoEBlock
 from jinfer.ops.attention import LayerAttention
+from jinfer.ops.matmul import quantized_matmul
+from jinfer.quantize import TIED_LM_HEAD
+from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights
 
 
 def layer_attention(config: ModelConfig, layer_index: int) -> LayerAttention:
@@ -80,18 +83,32 @@ class DecoderLayer(nn.Module):
             return x + h, cache
 
 
+def tied_lm_head(module: nn.Module, x, embedding):
+    """x: [M, embed]; embedding: [V, embed] -> [M, V] float32 logits, through the separate copy of
+    the embedding matrix (`jinfer.quantize.TIED_LM_HEAD`: quantized, or [V, embed] float) when the
+    parameters hold one."""
+    if not module.has_variable("params", TIED_LM_HEAD):
+        return matmul_by_kernel(x, embedding)
+    head = module.get_variable("params", TIED_LM_HEAD)["kernel"]
+    if isinstance(head, (Int8Weights, Int4Weights)):
+        return quantized_matmul(x, head).astype(jnp.float32)
+    return matmul_by_kernel(x, head)
+
+
 class Transformer(nn.Module):
     """Token ids -> float32 logits. `cache` is a per-layer list the backend reads and writes (or None).
 
     `logits_index` ([R] int32 indices into the flattened tokens) keeps only those positions'
     logits: the engine samples one token per sequence, so it never projects the others to the vocabulary.
+    `return_hidden` also returns the hidden states the LM head read (after the final norm, at
+    `logits_index` if given): speculative draft heads draft from them without another pass.
     """
 
     config: ModelConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, positions, backend, cache=None, logits_index=None):  # tokens, positions: [*lead] int32
+    def __call__(self, tokens, positions, backend, cache=None, logits_index=None, return_hidden=False):  # tokens, positions: [*lead] int32
         cfg = self.config
         embedding = self.param(
             "embedding",
@@ -113,12 +130,36 @@ class Transformer(nn.Module):
         if logits_index is not None:
             x = x.reshape(-1, cfg.hidden_size)[logits_index]  # [R, embed]
         x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, dtype=self.dtype, name="final_norm")(x)
+        head = LMHead(cfg, self.dtype)
+        nn.share_scope(self, head)  # the head's parameters keep their paths (`lm_head/kernel`, `tied_lm_head`)
+        logits = head(x, embedding)
+        new_cache = None if cache is None else new_cache
+        return (logits, new_cache, x) if return_hidden else (logits, new_cache)
+
+
+class LMHead(nn.Module):
+    """Final hidden states (after the final norm) -> float32 logits: the tied embedding or `lm_head`,
+    then the final soft-cap. A module of its own, in the Transformer's scope, so that `lm_head_logits`
+    projects other hidden states (speculative draft heads) through the target's own code and weights."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, embedding):  # x: [*lead, embed]; embedding: [vocab, embed]
+        cfg = self.config
         if cfg.tie_word_embeddings:
-            flat = matmul_by_kernel(x.reshape(-1, cfg.hidden_size), embedding)
+            flat = tied_lm_head(self, x.reshape(-1, cfg.hidden_size), embedding)
             logits = flat.reshape(*x.shape[:-1], cfg.vocab_size)
         else:
             logits = Linear((cfg.hidden_size,), (cfg.vocab_size,), ("embed", "vocab"), dtype=self.dtype, name="lm_head")(x)
         logits = logits.astype(self.dtype).astype(jnp.float32)
         if cfg.final_logit_softcap:
             logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-        return logits, (None if cache is None else new_cache)
+        return logits
+
+
+def lm_head_logits(params, x, config: ModelConfig, dtype):
+    """x: [*lead, embed] final hidden states -> [*lead, vocab] float32 logits under the LM head of the
+    Transformer whose parameters are `params`."""
+    return LMHead(config, dtype).apply({"params": params}, x, params["embedding"])
