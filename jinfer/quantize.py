@@ -85,10 +85,15 @@ def quantize_params(params, mode: str, group_size: int | None = None, lm_head: b
     return with_tied_lm_head(params, mode, group_size) if lm_head else params
 
 
+def ties_lm_head(params) -> bool:
+    """Whether a parameter tree's LM head is its embedding (no `lm_head` entry of its own)."""
+    return "embedding" in params and "lm_head" not in params
+
+
 def with_tied_lm_head(params, mode: str, group_size: int | None = None):
     """params with a `tied_lm_head` kernel, the embedding [V, E] quantized in `mode`, when the model
     ties its LM head to the embedding (no `lm_head` entry); otherwise params unchanged."""
-    if "embedding" not in params or "lm_head" in params:
+    if not ties_lm_head(params):
         return params
     embedding = params["embedding"]
     return {**params, TIED_LM_HEAD: {"kernel": _quantized(embedding, embedding.shape, mode, group_size, "embedding (tied LM head)")}}
@@ -165,10 +170,9 @@ def abstract_quantized_params(abstract_params, record: dict):
     or one that is not a linear kernel.
     """
     flat = traverse_util.flatten_dict(abstract_params)
-    if "embedding" in abstract_params and "lm_head" not in abstract_params:
+    if ties_lm_head(abstract_params) and f"{TIED_LM_HEAD}/kernel" in record["tensors"]:
         flat[(TIED_LM_HEAD, "kernel")] = abstract_params["embedding"]
-    by_name = {"/".join(path): path for path in flat if path[0] != TIED_LM_HEAD or "/".join(path) in record["tensors"]}
-    flat = {path: flat[path] for path in by_name.values()}
+    by_name = {"/".join(path): path for path in flat}
     for name, entry in record["tensors"].items():
         path = by_name.get(name)
         if path is None or not is_quantizable(path):
@@ -197,6 +201,6 @@ def abstract_quantized_like(abstract_params, mode: str | None, group_size: int |
         "int4": {"layout": "int4", "group_size": group_size, "symmetric": False},
     }[mode]
     paths = [path for path in traverse_util.flatten_dict(abstract_params) if is_quantizable(path) and (lm_head or path[-2] != "lm_head")]
-    if lm_head and "embedding" in abstract_params and "lm_head" not in abstract_params:
+    if lm_head and ties_lm_head(abstract_params):
         paths.append((TIED_LM_HEAD, "kernel"))
     return abstract_quantized_params(abstract_params, {"tensors": {"/".join(path): entry for path in paths}})
