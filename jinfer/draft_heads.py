@@ -34,6 +34,7 @@ import safetensors.numpy
 
 from jinfer.config import ModelConfig
 from jinfer.models.transformer import Transformer, lm_head_logits
+from jinfer.ops.backend import kernel_scope
 from jinfer.ops.attention import FullSequenceAttention
 
 FORMAT = "jinfer-draft-heads"
@@ -201,7 +202,8 @@ def train_heads(
 
     @jax.jit
     def update(params, state, target_params, hidden, targets):  # hidden: [B, D]; targets: [B, H] int32
-        loss, grads = jax.value_and_grad(head_loss)(params, target_params, hidden, targets, config, dtype)
+        with kernel_scope("reference"):  # differentiable ops only (the native CPU kernels have no gradient)
+            loss, grads = jax.value_and_grad(head_loss)(params, target_params, hidden, targets, config, dtype)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 

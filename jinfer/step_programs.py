@@ -7,7 +7,7 @@ saves the XLA compile that follows. `StepPrograms` exports each traced step with
 XLA compile of it is a hit in the compilation cache.
 
 A program's file name hashes everything the program depends on: jinfer's and its kernels' source
-code, the JAX version, the model config and dtype, and the shapes and dtypes of every input. Arrays
+code, whether jinfer's CPU kernels are registered, the JAX version, the model config and dtype, and the shapes and dtypes of every input. Arrays
 on a multi-device mesh bypass the directory (exported programs are kept for single-device runs).
 """
 
@@ -23,7 +23,9 @@ import numpy as np
 from absl import logging
 from jax import export
 
+from jinfer import native
 from jinfer.config import ModelConfig
+from jinfer.ops import backend as kernel_backend
 from jinfer.sampling import SampleResult
 from jinfer.source_digest import source_digest
 from jinfer.speculative_step import SpeculativeBatch, SpeculativeOutput, speculative_step
@@ -118,7 +120,8 @@ class StepPrograms:
 
     def _key(self, leaves, trees) -> str:
         code = source_digest("jinfer", "pallas_kernels")
-        parts = [code, jax.__version__, repr(self.config), np.dtype(self.dtype).name, *map(str, trees), *map(_signature, leaves)]
+        kernels = kernel_backend.resolve("auto")  # on CPU: whether the native kernels (the program's FFI targets) are registered
+        parts = [code, kernels, jax.__version__, repr(self.config), np.dtype(self.dtype).name, *map(str, trees), *map(_signature, leaves)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def _program(self, key: str, leaves, trees) -> export.Exported:
@@ -147,7 +150,8 @@ class StepPrograms:
             return jax.tree.leaves(kv_cache), jax.tree.leaves(output)
 
         specs = [[jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in group] for group in leaves]
-        return export.export(jax.jit(flat_step, donate_argnums=(1,)))(*specs)
+        native_calls = [export.DisabledSafetyCheck.custom_call(target) for target in native.TARGETS]
+        return export.export(jax.jit(flat_step, donate_argnums=(1,)), disabled_checks=native_calls)(*specs)
 
     def _save(self, path: pathlib.Path, program: export.Exported) -> None:
         _write_atomically(path, program.serialize())

@@ -21,6 +21,7 @@ from jinfer.engine.request import Request
 from jinfer.engine.scheduler import Schedule, Scheduler
 from jinfer.engine.speculation import Speculator
 from jinfer.model import Model
+from jinfer.ops import backend as kernel_backend
 from jinfer.sampling import SamplingParams
 from jinfer.speculative import SpeculativeConfig
 from jinfer.speculative_step import SpeculativeBatch, SpeculativeOutput
@@ -56,6 +57,7 @@ class Engine:
         `cache_fill` and `poison_freed_pages` (NaN in tests) make stray reads of unused cache visible.
         `speculative` turns on speculative decoding (`draft_model`: the loaded model of method "draft";
         method "heads" loads its draft heads from `speculative.draft_heads`)."""
+        config = dataclasses.replace(config, kernels=kernel_backend.for_mesh(config.kernels, model.mesh))
         self.model = model
         self.config = config
         self.multihost = StepBroadcast(config, model.mesh) if jax.process_count() > 1 else None

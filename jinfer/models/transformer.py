@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.config import ModelConfig
-from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_rope, matmul_by_kernel, rope_tables
+from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_rope, rope_tables
 from jinfer.models.moe import MoEBlock
 from jinfer.ops.attention import LayerAttention
-from jinfer.ops.matmul import quantized_matmul
+from jinfer.ops.matmul import dense_matmul, quantized_matmul
 from jinfer.quantize import TIED_LM_HEAD
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights
 
@@ -88,11 +88,11 @@ def tied_lm_head(module: nn.Module, x, embedding):
     the embedding matrix (`jinfer.quantize.TIED_LM_HEAD`: quantized, or [V, embed] float) when the
     parameters hold one."""
     if not module.has_variable("params", TIED_LM_HEAD):
-        return matmul_by_kernel(x, embedding)
+        return dense_matmul(x, embedding)
     head = module.get_variable("params", TIED_LM_HEAD)["kernel"]
     if isinstance(head, (Int8Weights, Int4Weights)):
         return quantized_matmul(x, head).astype(jnp.float32)
-    return matmul_by_kernel(x, head)
+    return dense_matmul(x, head)
 
 
 class Transformer(nn.Module):

@@ -230,7 +230,7 @@ class PagedAttention:
         """q: [T, H, D]; k, v: [T, K, D]; positions: [T]; cache: {"k", "v"} pages (int8: with {"k_scale",
         "v_scale"}) -> ([T, H, D], cache)."""
         mode = kernel_backend.resolve(self.kernels)
-        if mode != "reference":
+        if kernel_backend.runs_pallas(mode):
             return paged_attention_kernel(
                 q, k, v, cache, self.slots, self.kv_lens, self.page_table, self.query_start, layer, interpret=mode == "interpret"
             )

@@ -30,7 +30,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, kernel
     `kernels` (None: the enclosing kernel_scope's mode) resolves (jinfer.ops.backend).
     """
     mode = kernel_backend.resolve(kernels)
-    if mode != "reference":
+    if kernel_backend.runs_pallas(mode):
         return gmm.grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=mode == "interpret")
     if transpose_rhs:
         rhs = jnp.swapaxes(rhs, 1, 2)

@@ -1,0 +1,282 @@
+// Matrix products with few rows for XLA:CPU, registered as XLA FFI targets (jinfer/native/library.py).
+//
+// y[M, N] = x[M, K] . w[N, K]^T with w float32, int8 (a scale per row and group of columns) or
+// int4 (half-split nibbles, a scale and an offset per row and group), accumulated in float32.
+// Decode multiplies a handful of rows by every weight once per token, so the weights are read
+// once: tiles of 4 weight rows stay in L1 while every row of x passes over them. Work is split
+// over XLA's intra-op thread pool in units of kRowsPerUnit weight rows.
+//
+// Written with GCC vector extensions (16 float32 lanes), which the compiler maps to the machine's
+// widest vectors (-march=native). Needs K % 16 == 0 (int4: K % 32 == 0) and groups of a
+// multiple of 16 columns: jinfer/native/matmul.py checks before calling.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using FloatMatrix = ffi::Buffer<ffi::F32, 2>;
+using Int8Matrix = ffi::Buffer<ffi::S8, 2>;
+using ByteMatrix = ffi::Buffer<ffi::U8, 2>;
+using FloatResult = ffi::ResultBuffer<ffi::F32, 2>;
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kRowsPerUnit = 32;
+constexpr int kWeightRowsPerTile = 4;
+
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline u8x16 load_u8(const uint8_t* p) {
+  u8x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32x16 widen_u8(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
+
+// Signed bytes widen through unsigned ones (q + 128): GCC vectorises the zero extension of a byte
+// vector but not its sign extension.
+inline f32x16 load_i8(const int8_t* p) { return widen_u8(load_u8(reinterpret_cast<const uint8_t*>(p)) ^ 0x80) - 128.0f; }
+
+inline float sum_lanes(f32x16 v) {
+  f32x8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Weight formats: where a weight row starts, and 16 of its columns as float32 lanes.
+struct Float32Weights {
+  static constexpr bool kGrouped = false;
+  const float* w;
+  int64_t k;
+  const float* row(int64_t n) const { return w + n * k; }
+  f32x16 load(const float* row, int64_t col) const { return load_f32(row + col); }
+  const void* address(int64_t n, int64_t col) const { return w + n * k + col; }
+};
+
+struct Int8Weights {  // w = q * scale
+  static constexpr bool kGrouped = true;
+  static constexpr bool kOffset = false;
+  const int8_t* q;
+  const float* scales;  // [N, groups]
+  int64_t k, groups;
+  const int8_t* row(int64_t n) const { return q + n * k; }
+  f32x16 load(const int8_t* row, int64_t col) const { return load_i8(row + col); }
+  const void* address(int64_t n, int64_t col) const { return q + n * k + col; }
+  float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
+};
+
+struct Int4Weights {  // w = q * scale + offset; byte j holds column j (low nibble) and j + K/2 (high)
+  static constexpr bool kGrouped = true;
+  static constexpr bool kOffset = true;
+  const uint8_t* packed;
+  const float* scales;  // [N, groups]
+  const float* mins;    // [N, groups], or null: symmetric, offset = -8 * scale
+  int64_t k, groups;
+  const uint8_t* row(int64_t n) const { return packed + n * (k / 2); }
+  f32x16 load(const uint8_t* row, int64_t col) const {
+    int64_t half = k / 2;
+    return col < half ? widen_u8(load_u8(row + col) & 15) : widen_u8(load_u8(row + col - half) >> 4);
+  }
+  const void* address(int64_t n, int64_t col) const { return packed + n * (k / 2) + col % (k / 2); }
+  float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
+  float offset(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : -8.0f * scale(n, g); }
+};
+
+struct Problem {
+  const float* x;          // [M, K]
+  float* y;                // [M, N]
+  const float* group_sums; // [M, groups]: sums of x over each group (offset formats)
+  int64_t m, k, n, groups;
+};
+
+// y[m0 : m0 + MB, n0 : n0 + NB] from a pass over NB weight rows.
+template <int MB, int NB, typename Weights>
+void tile(const Weights& weights, const Problem& p, int64_t m0, int64_t n0) {
+  decltype(weights.row(0)) rows[NB];
+  for (int j = 0; j < NB; ++j) rows[j] = weights.row(n0 + j);
+  const float* xs[MB];
+  for (int i = 0; i < MB; ++i) xs[i] = p.x + (m0 + i) * p.k;
+  float out[MB][NB];
+  if constexpr (!Weights::kGrouped) {
+    f32x16 acc[MB][NB] = {};
+    for (int64_t col = 0; col < p.k; col += kLanes) {
+      f32x16 w[NB];
+      for (int j = 0; j < NB; ++j) w[j] = weights.load(rows[j], col);
+      for (int j = 0; j < NB; ++j) __builtin_prefetch(weights.address(n0 + NB + j, col));
+      for (int i = 0; i < MB; ++i) {
+        f32x16 x = load_f32(xs[i] + col);
+        for (int j = 0; j < NB; ++j) acc[i][j] += x * w[j];
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) out[i][j] = sum_lanes(acc[i][j]);
+  } else {
+    f32x16 acc[MB][NB] = {};
+    int64_t group = p.k / p.groups;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      f32x16 part[MB][NB] = {};
+      for (int64_t col = g * group; col < (g + 1) * group; col += kLanes) {
+        f32x16 w[NB];
+        for (int j = 0; j < NB; ++j) w[j] = weights.load(rows[j], col);
+        for (int j = 0; j < NB; ++j) __builtin_prefetch(weights.address(n0 + NB + j, col));
+        for (int i = 0; i < MB; ++i) {
+          f32x16 x = load_f32(xs[i] + col);
+          for (int j = 0; j < NB; ++j) part[i][j] += x * w[j];
+        }
+      }
+      for (int j = 0; j < NB; ++j) {
+        float scale = weights.scale(n0 + j, g);
+        for (int i = 0; i < MB; ++i) acc[i][j] += part[i][j] * scale;
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) out[i][j] = sum_lanes(acc[i][j]);
+    if constexpr (Weights::kOffset) {
+      for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j)
+          for (int64_t g = 0; g < p.groups; ++g) out[i][j] += weights.offset(n0 + j, g) * p.group_sums[(m0 + i) * p.groups + g];
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) p.y[(m0 + i) * p.n + n0 + j] = out[i][j];
+}
+
+// All M rows of x against NB weight rows, in tiles of up to kRows rows of x (fewer for grouped
+// formats, whose per-group partial sums double the accumulators held in registers).
+template <int NB, typename Weights>
+void weight_rows(const Weights& weights, const Problem& p, int64_t n0) {
+  constexpr int kRows = Weights::kGrouped ? 2 : 4;
+  int64_t i = 0;
+  for (; i + kRows <= p.m; i += kRows) tile<kRows, NB>(weights, p, i, n0);
+  if constexpr (kRows == 4) {
+    if (p.m - i == 3) tile<3, NB>(weights, p, i, n0);
+    if (p.m - i == 2) tile<2, NB>(weights, p, i, n0);
+  }
+  if (p.m - i == 1) tile<1, NB>(weights, p, i, n0);
+}
+
+// Units of work handed out by an atomic counter to the calling thread and to tasks on the pool.
+// The caller takes units until none is left, then waits only for units already taken, so it never
+// waits on a task that has not started; late tasks find nothing to do.
+struct Units {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> body;
+  void drain() {
+    for (int64_t unit; (unit = next.fetch_add(1)) < count;) {
+      body(unit);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+template <typename Weights>
+void matmul(ffi::ThreadPool& pool, const Weights& weights, const Problem& p) {
+  auto units = std::make_shared<Units>();
+  units->count = (p.n + kRowsPerUnit - 1) / kRowsPerUnit;
+  units->body = [&weights, &p](int64_t unit) {
+    int64_t n0 = unit * kRowsPerUnit, end = std::min(p.n, n0 + kRowsPerUnit);
+    for (; n0 + kWeightRowsPerTile <= end; n0 += kWeightRowsPerTile) weight_rows<kWeightRowsPerTile>(weights, p, n0);
+    for (; n0 < end; ++n0) weight_rows<1>(weights, p, n0);
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), units->count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->drain(); });
+  units->drain();
+  while (units->done.load(std::memory_order_acquire) < units->count) std::this_thread::yield();
+}
+
+std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t groups) {
+  std::vector<float> sums(m * groups, 0.0f);
+  int64_t group = k / groups;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t col = 0; col < k; ++col) sums[i * groups + col / group] += x[i * k + col];
+  return sums;
+}
+
+ffi::Error MatmulFloat32(ffi::ThreadPool pool, FloatMatrix x, FloatMatrix w, FloatResult y) {
+  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[0];
+  Problem p{x.typed_data(), y->typed_data(), nullptr, m, k, n, 1};
+  matmul(pool, Float32Weights{w.typed_data(), k}, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulInt8(ffi::ThreadPool pool, FloatMatrix x, Int8Matrix q, FloatMatrix scales,
+                      FloatResult y) {
+  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = q.dimensions()[0], groups = scales.dimensions()[1];
+  Problem p{x.typed_data(), y->typed_data(), nullptr, m, k, n, groups};
+  matmul(pool, Int8Weights{q.typed_data(), scales.typed_data(), k, groups}, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error Int4(ffi::ThreadPool& pool, FloatMatrix& x, ByteMatrix& packed, FloatMatrix& scales,
+                const float* mins, FloatResult& y) {
+  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = packed.dimensions()[0], groups = scales.dimensions()[1];
+  std::vector<float> sums = group_sums(x.typed_data(), m, k, groups);
+  Problem p{x.typed_data(), y->typed_data(), sums.data(), m, k, n, groups};
+  matmul(pool, Int4Weights{packed.typed_data(), scales.typed_data(), mins, k, groups}, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulInt4(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed, FloatMatrix scales,
+                      FloatMatrix mins, FloatResult y) {
+  return Int4(pool, x, packed, scales, mins.typed_data(), y);
+}
+
+ffi::Error MatmulInt4Symmetric(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed,
+                               FloatMatrix scales, FloatResult y) {
+  return Int4(pool, x, packed, scales, nullptr, y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_f32, MatmulFloat32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Ret<FloatMatrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_int8, MatmulInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<Int8Matrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Ret<FloatMatrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_int4, MatmulInt4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<ByteMatrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Ret<FloatMatrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_int4_symmetric, MatmulInt4Symmetric,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<ByteMatrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Ret<FloatMatrix>());

@@ -1,0 +1,56 @@
+"""XLA FFI calls of the matmul kernels in matmul.cc, and the shapes they take."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.native import library
+from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights
+
+LANES = 16  # float32 columns per vector in matmul.cc: K and the groups are multiples of it
+# Rows of x up to which the kernels beat XLA:CPU (tools/bench_kernels.py): past it XLA's GEMM wins
+# for float weights, and weight-only int8 / int4 batches are large enough to pay for dequantizing.
+MAX_ROWS = 16
+
+
+def _takes(x, fan_in: int) -> bool:
+    """x: [M, K] float32 with few rows and K a whole number of vectors."""
+    return x.ndim == 2 and x.dtype == jnp.float32 and x.shape[0] <= MAX_ROWS and x.shape[1] == fan_in and fan_in % LANES == 0
+
+
+def supports_dense(x, kernel) -> bool:
+    """x: [M, K]; kernel: [N, K]."""
+    return kernel.dtype == jnp.float32 and _takes(x, kernel.shape[1])
+
+
+def supports_quantized(x, weights: QuantizedWeights) -> bool:
+    """x: [M, K]; weights of dense shape [N, K] whose groups are whole vectors (int4: K split in two
+    halves of whole vectors too)."""
+    fan_in = weights.shape[1]
+    if isinstance(weights, Int4Weights) and fan_in % (2 * LANES):
+        return False
+    return weights.group_size % LANES == 0 and _takes(x, fan_in)
+
+
+def _call(target: str, x, *operands):
+    """x: [M, K] -> [M, N] float32, N the first axis of operands[0]."""
+    if not library.available():
+        raise RuntimeError("jinfer's CPU kernels did not build (see the warning logged): use kernels='reference'")
+    out = jax.ShapeDtypeStruct((x.shape[0], operands[0].shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(target, out)(x, *operands)
+
+
+def dense_matmul(x, kernel):
+    """x: [M, K] float32; kernel: [N, K] float32 -> [M, N] float32 (`supports_dense`)."""
+    return _call("jinfer_matmul_f32", x, kernel)
+
+
+def quantized_matmul(x, weights: QuantizedWeights):
+    """x: [M, K] float32; weights: Int8Weights / Int4Weights of dense shape [N, K] -> [M, N] float32,
+    `x @ dequantize(weights).T` (`supports_quantized`)."""
+    if isinstance(weights, Int8Weights):
+        return _call("jinfer_matmul_int8", x, weights.values, weights.scales)
+    if weights.symmetric:
+        return _call("jinfer_matmul_int4_symmetric", x, weights.packed, weights.scales)
+    return _call("jinfer_matmul_int4", x, weights.packed, weights.scales, weights.mins)
