@@ -16,10 +16,11 @@ from jinfer.config import EngineConfig
 from jinfer.engine.engine import Engine
 from jinfer.native import library
 from jinfer.ops import backend
-from jinfer.ops.matmul import dense_matmul, quantized_matmul
+from jinfer.ops.matmul import dense_matmul, int8_dynamic_matmul, quantized_matmul
+from jinfer.quantize import DynamicInt8Weights
 from jinfer.sampling import SamplingParams
 from pallas_kernels.quantized_matmul import quantize_int4, quantize_int8, quantized_matmul_reference
-from pallas_kernels.testing import assert_close, random_normal
+from pallas_kernels.testing import assert_close, random_normal, scaled_error
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
@@ -48,7 +49,7 @@ def test_float32_kernel_matches_a_float32_product(m, n, k):
     assert_close(native.dense_matmul(jnp.asarray(x), jnp.asarray(w)), expected)
 
 
-@pytest.mark.parametrize("m", (1, 3, 5, native.MAX_ROWS))
+@pytest.mark.parametrize("m", (1, 3, 5, native.MAX_ROWS, native.MAX_WEIGHT_ONLY_ROWS))
 @pytest.mark.parametrize("n", OUTPUTS)
 @pytest.mark.parametrize("kind", ("int8", "int8-g32", "int8-g16", "int4-g32", "int4-g64", "int4-sym-g32", "int4-g16"))
 def test_quantized_kernels_match_the_dequantizing_reference(m, n, kind):
@@ -56,6 +57,17 @@ def test_quantized_kernels_match_the_dequantizing_reference(m, n, kind):
     x, weights = jnp.asarray(random_normal(m, (m, k))), _weights(kind, n, k)
     assert native.supports_quantized(x, weights)
     assert_close(native.quantized_matmul(x, weights), quantized_matmul_reference(x, weights))
+
+
+@pytest.mark.parametrize("m", (1, 4))
+def test_w8a8_rounds_the_activations_as_the_int8_gemm_does(m):
+    x, w = jnp.asarray(random_normal(0, (m, 96))), jnp.asarray(random_normal(1, (40, 96)))
+    weights = quantize_int8(w)
+    dynamic = DynamicInt8Weights(values=weights.values, scales=weights.scales)
+    native_result = quantized_matmul(x, dynamic, kernels="native")
+    assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), x, dynamic)
+    assert_close(native_result, int8_dynamic_matmul(x, dynamic))
+    assert scaled_error(native_result, quantized_matmul(x, weights, kernels="native")) > 1e-3, "activations were not rounded"
 
 
 def test_a_nan_reaches_only_its_own_row_and_column():
@@ -88,6 +100,10 @@ def test_dispatch_hands_the_kernels_only_the_shapes_they_take():
     assert not _runs_native(lambda x, w: dense_matmul(x, w, kernels="native"), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     q = quantize_int8(w)
     assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), x, q)
+    weight_only_batch = jnp.ones((native.MAX_WEIGHT_ONLY_ROWS, 64))
+    assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), weight_only_batch, q)
+    dynamic = DynamicInt8Weights(values=q.values, scales=q.scales)
+    assert not _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), weight_only_batch, dynamic)
     odd_halves = quantize_int4(jnp.ones((8, 48)), 16, False)  # K / 2 = 24 is not whole vectors
     assert not native.supports_quantized(jnp.ones((3, 48)), odd_halves)
     np.testing.assert_allclose(
@@ -101,6 +117,7 @@ def test_without_a_compiler_the_references_run(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no-such-compiler"):
         library.build()
     assert not any(tmp_path.iterdir()), "a failed build left a file behind"
+    monkeypatch.setattr(library, "load", library.build)  # this process already loaded the library once
     library.available.cache_clear()
     try:
         assert not library.available()
@@ -109,7 +126,7 @@ def test_without_a_compiler_the_references_run(tmp_path, monkeypatch):
     finally:
         library.available.cache_clear()
         monkeypatch.undo()
-        assert library.available()
+    assert library.available()
 
 
 def test_the_library_is_cached_by_source_and_machine(tmp_path, monkeypatch):

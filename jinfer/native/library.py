@@ -70,14 +70,22 @@ def build() -> pathlib.Path:
 
 
 @functools.cache
+def load() -> ctypes.CDLL:
+    """The built library, its kernels registered with XLA (once per process: XLA refuses a second
+    registration of a target name from another library)."""
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    for target in TARGETS:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
+    return library
+
+
+@functools.cache
 def available() -> bool:
     """Whether the CPU kernels are built and registered with XLA (built on the first call)."""
     try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
+        load()
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         logging.warning("jinfer's CPU kernels are unavailable, the XLA references run instead: %s", detail)
         return False
-    for target in TARGETS:
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)), platform="cpu")
     return True

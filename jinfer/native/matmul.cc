@@ -7,8 +7,11 @@
 // over XLA's intra-op thread pool in units of kRowsPerUnit weight rows.
 //
 // Written with GCC vector extensions (16 float32 lanes), which the compiler maps to the machine's
-// widest vectors (-march=native). Needs K % 16 == 0 (int4: K % 32 == 0) and groups of a
-// multiple of 16 columns: jinfer/native/matmul.py checks before calling.
+// widest vectors (-march=native); AVX-512 intrinsics only where GCC's code for an extension is slow
+// (widening int8). Weight rows one tile ahead are prefetched: a tile's rows are short streams that
+// the hardware prefetcher picks up too late (measured: int8 at half speed without). Needs
+// K % 16 == 0 (int4: K % 32 == 0) and groups of a multiple of 16 columns: jinfer/native/matmul.py
+// checks before calling.
 
 #include <algorithm>
 #include <atomic>
@@ -18,6 +21,10 @@
 #include <memory>
 #include <thread>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -53,9 +60,15 @@ inline u8x16 load_u8(const uint8_t* p) {
 
 inline f32x16 widen_u8(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
 
+#if defined(__AVX512F__)
+inline f32x16 load_i8(const int8_t* p) {
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#else
 // Signed bytes widen through unsigned ones (q + 128): GCC vectorises the zero extension of a byte
 // vector but not its sign extension.
 inline f32x16 load_i8(const int8_t* p) { return widen_u8(load_u8(reinterpret_cast<const uint8_t*>(p)) ^ 0x80) - 128.0f; }
+#endif
 
 inline float sum_lanes(f32x16 v) {
   f32x8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -76,11 +89,13 @@ struct Float32Weights {
 struct Int8Weights {  // w = q * scale
   static constexpr bool kGrouped = true;
   static constexpr bool kOffset = false;
+  static constexpr bool kHalfSplit = false;
   const int8_t* q;
   const float* scales;  // [N, groups]
   int64_t k, groups;
   const int8_t* row(int64_t n) const { return q + n * k; }
   f32x16 load(const int8_t* row, int64_t col) const { return load_i8(row + col); }
+  void load_both(const int8_t*, int64_t, f32x16&, f32x16&) const {}
   const void* address(int64_t n, int64_t col) const { return q + n * k + col; }
   float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
 };
@@ -88,6 +103,7 @@ struct Int8Weights {  // w = q * scale
 struct Int4Weights {  // w = q * scale + offset; byte j holds column j (low nibble) and j + K/2 (high)
   static constexpr bool kGrouped = true;
   static constexpr bool kOffset = true;
+  static constexpr bool kHalfSplit = true;
   const uint8_t* packed;
   const float* scales;  // [N, groups]
   const float* mins;    // [N, groups], or null: symmetric, offset = -8 * scale
@@ -97,7 +113,13 @@ struct Int4Weights {  // w = q * scale + offset; byte j holds column j (low nibb
     int64_t half = k / 2;
     return col < half ? widen_u8(load_u8(row + col) & 15) : widen_u8(load_u8(row + col - half) >> 4);
   }
-  const void* address(int64_t n, int64_t col) const { return packed + n * (k / 2) + col % (k / 2); }
+  // Columns col and col + K/2, for col in the first half.
+  void load_both(const uint8_t* row, int64_t col, f32x16& low, f32x16& high) const {
+    u8x16 bytes = load_u8(row + col);
+    low = widen_u8(bytes & 15);
+    high = widen_u8(bytes >> 4);
+  }
+  const void* address(int64_t n, int64_t col) const { return row(n) + (col < k / 2 ? col : col - k / 2); }
   float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
   float offset(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : -8.0f * scale(n, g); }
 };
@@ -132,21 +154,44 @@ void tile(const Weights& weights, const Problem& p, int64_t m0, int64_t n0) {
       for (int j = 0; j < NB; ++j) out[i][j] = sum_lanes(acc[i][j]);
   } else {
     f32x16 acc[MB][NB] = {};
-    int64_t group = p.k / p.groups;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      f32x16 part[MB][NB] = {};
-      for (int64_t col = g * group; col < (g + 1) * group; col += kLanes) {
-        f32x16 w[NB];
-        for (int j = 0; j < NB; ++j) w[j] = weights.load(rows[j], col);
-        for (int j = 0; j < NB; ++j) __builtin_prefetch(weights.address(n0 + NB + j, col));
-        for (int i = 0; i < MB; ++i) {
-          f32x16 x = load_f32(xs[i] + col);
-          for (int j = 0; j < NB; ++j) part[i][j] += x * w[j];
+    int64_t group = p.k / p.groups, half = p.k / 2;
+    if (Weights::kHalfSplit && half % group == 0) {
+      // Each byte holds a column of each half: one load feeds two groups, half the groups apart.
+      for (int64_t g = 0; g < p.groups / 2; ++g) {
+        f32x16 low[MB][NB] = {}, high[MB][NB] = {};
+        for (int64_t col = g * group; col < (g + 1) * group; col += kLanes) {
+          f32x16 wl[NB], wh[NB];
+          for (int j = 0; j < NB; ++j) weights.load_both(rows[j], col, wl[j], wh[j]);
+          for (int j = 0; j < NB; ++j) __builtin_prefetch(weights.address(n0 + NB + j, col));
+          for (int i = 0; i < MB; ++i) {
+            f32x16 xl = load_f32(xs[i] + col), xh = load_f32(xs[i] + col + half);
+            for (int j = 0; j < NB; ++j) {
+              low[i][j] += xl * wl[j];
+              high[i][j] += xh * wh[j];
+            }
+          }
+        }
+        for (int j = 0; j < NB; ++j) {
+          float scale_low = weights.scale(n0 + j, g), scale_high = weights.scale(n0 + j, g + p.groups / 2);
+          for (int i = 0; i < MB; ++i) acc[i][j] += low[i][j] * scale_low + high[i][j] * scale_high;
         }
       }
-      for (int j = 0; j < NB; ++j) {
-        float scale = weights.scale(n0 + j, g);
-        for (int i = 0; i < MB; ++i) acc[i][j] += part[i][j] * scale;
+    } else {
+      for (int64_t g = 0; g < p.groups; ++g) {
+        f32x16 part[MB][NB] = {};
+        for (int64_t col = g * group; col < (g + 1) * group; col += kLanes) {
+          f32x16 w[NB];
+          for (int j = 0; j < NB; ++j) w[j] = weights.load(rows[j], col);
+          for (int j = 0; j < NB; ++j) __builtin_prefetch(weights.address(n0 + NB + j, col));
+          for (int i = 0; i < MB; ++i) {
+            f32x16 x = load_f32(xs[i] + col);
+            for (int j = 0; j < NB; ++j) part[i][j] += x * w[j];
+          }
+        }
+        for (int j = 0; j < NB; ++j) {
+          float scale = weights.scale(n0 + j, g);
+          for (int i = 0; i < MB; ++i) acc[i][j] += part[i][j] * scale;
+        }
       }
     }
     for (int i = 0; i < MB; ++i)

@@ -6,22 +6,26 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.native import library
+from jinfer.quantize import DynamicInt8Weights
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights
 
 LANES = 16  # float32 columns per vector in matmul.cc: K and the groups are multiples of it
-# Rows of x up to which the kernels beat XLA:CPU (tools/bench_kernels.py): past it XLA's GEMM wins
-# for float weights, and weight-only int8 / int4 batches are large enough to pay for dequantizing.
+# Rows of x up to which the kernels beat XLA:CPU, by SmolLM2's layer shapes (WORKSPACE.md,
+# "Native CPU kernels"): past 16 rows XLA's GEMM is as fast for float32 weights and faster for w8a8's
+# int8 x int8 products; weight-only int8 / int4, which XLA runs by dequantizing the whole matrix,
+# stay faster natively up to 32 rows.
 MAX_ROWS = 16
+MAX_WEIGHT_ONLY_ROWS = 32
 
 
-def _takes(x, fan_in: int) -> bool:
-    """x: [M, K] float32 with few rows and K a whole number of vectors."""
-    return x.ndim == 2 and x.dtype == jnp.float32 and x.shape[0] <= MAX_ROWS and x.shape[1] == fan_in and fan_in % LANES == 0
+def _takes(x, fan_in: int, max_rows: int) -> bool:
+    """x: [M, K] float32 with at most `max_rows` rows and K a whole number of vectors."""
+    return x.ndim == 2 and x.dtype == jnp.float32 and x.shape[0] <= max_rows and x.shape[1] == fan_in and fan_in % LANES == 0
 
 
 def supports_dense(x, kernel) -> bool:
     """x: [M, K]; kernel: [N, K]."""
-    return kernel.dtype == jnp.float32 and _takes(x, kernel.shape[1])
+    return kernel.dtype == jnp.float32 and _takes(x, kernel.shape[1], MAX_ROWS)
 
 
 def supports_quantized(x, weights: QuantizedWeights) -> bool:
@@ -30,7 +34,8 @@ def supports_quantized(x, weights: QuantizedWeights) -> bool:
     fan_in = weights.shape[1]
     if isinstance(weights, Int4Weights) and fan_in % (2 * LANES):
         return False
-    return weights.group_size % LANES == 0 and _takes(x, fan_in)
+    max_rows = MAX_ROWS if isinstance(weights, DynamicInt8Weights) else MAX_WEIGHT_ONLY_ROWS
+    return weights.group_size % LANES == 0 and _takes(x, fan_in, max_rows)
 
 
 def _call(target: str, x, *operands):

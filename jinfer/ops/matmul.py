@@ -31,11 +31,14 @@ def quantized_matmul(x, weights: qmm.QuantizedWeights, *, kernels: str | None = 
     [out, in] layout) -> [M, N] in x's dtype, `x @ dequantize(weights).T` accumulated in float32.
 
     `kernels` (None: the enclosing kernel_scope's mode) picks the Pallas kernel, the native CPU
-    kernel (for the shapes it takes; w8a8 weights run there as plain int8 weights, as in the Pallas
-    kernels) or the XLA reference (jinfer.ops.backend).
+    kernel (for the shapes it takes; w8a8 activations are rounded to int8 first, as in the reference)
+    or the XLA reference (jinfer.ops.backend). The Pallas kernels multiply w8a8 weights as plain int8.
     """
     mode = kernel_backend.resolve(kernels)
     if mode == "native" and native.supports_quantized(x, weights):
+        if isinstance(weights, DynamicInt8Weights):  # the same rounding of the activations as int8_dynamic_matmul
+            values, scales = quantize_rows(x)
+            x = values.astype(jnp.float32) * scales
         return native.quantized_matmul(x, weights).astype(x.dtype)
     if mode in ("reference", "native"):  # takes any group size dividing K; the kernels check their own limits
         if x.shape[-1] != weights.shape[1]:
