@@ -297,7 +297,7 @@ class EngineConfig:
     page_size: int = 16
     kv_cache_memory: str = "256MiB"
     program_cache: str = ""  # directory of serialized step programs (see jinfer.step_programs); "": trace every start
-    kernels: str = "auto"  # hot ops: auto | reference | pallas | interpret (see jinfer.ops.backend)
+    kernels: str = "auto"  # hot ops: auto | reference | native | pallas | interpret (see jinfer.ops.backend)
     kv_cache_dtype: str = "auto"  # KV page pool: auto (the model's dtype) | int8 (per token-and-head scales, see jinfer.cache)
 
     def __post_init__(self):

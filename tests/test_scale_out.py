@@ -138,7 +138,7 @@ def _collectives(served_run: Served) -> list[tuple[str, str, str]]:
     """(op, result type without layout, op_name) of every collective in the engine's compiled step
     (a compile-cache hit: the bucket and argument shardings the engine ran)."""
     engine = served_run.engine
-    batch = jax.tree.map(jnp.asarray, padding_batch(ENGINE, *BUCKET[:3]))
+    batch = jax.tree.map(jnp.asarray, padding_batch(engine.config, *BUCKET[:3]))  # the kernels the engine chose for its mesh
     compiled = step_fn.lower(engine.model.params, engine.kv_cache, batch, config=engine.model.config, dtype=engine.model.dtype).compile()
     found = []
     for line in compiled.as_text().splitlines():

@@ -121,7 +121,16 @@ struct Int4Weights {  // w = q * scale + offset; byte j holds column j (low nibb
   }
   const void* address(int64_t n, int64_t col) const { return row(n) + (col < k / 2 ? col : col - k / 2); }
   float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
-  float offset(int64_t n, int64_t g) const { return mins ? mins[n * groups + g] : -8.0f * scale(n, g); }
+  // sum over groups g of offset(n, g) * sums[g], the offset being min, or -8 * scale when symmetric.
+  float offset_sum(int64_t n, const float* sums) const {
+    const float* offsets = (mins ? mins : scales) + n * groups;
+    f32x16 acc = {};
+    int64_t g = 0;
+    for (; g + kLanes <= groups; g += kLanes) acc += load_f32(offsets + g) * load_f32(sums + g);
+    float total = sum_lanes(acc);
+    for (; g < groups; ++g) total += offsets[g] * sums[g];
+    return mins ? total : -8.0f * total;
+  }
 };
 
 struct Problem {
@@ -198,8 +207,7 @@ void tile(const Weights& weights, const Problem& p, int64_t m0, int64_t n0) {
       for (int j = 0; j < NB; ++j) out[i][j] = sum_lanes(acc[i][j]);
     if constexpr (Weights::kOffset) {
       for (int i = 0; i < MB; ++i)
-        for (int j = 0; j < NB; ++j)
-          for (int64_t g = 0; g < p.groups; ++g) out[i][j] += weights.offset(n0 + j, g) * p.group_sums[(m0 + i) * p.groups + g];
+        for (int j = 0; j < NB; ++j) out[i][j] += weights.offset_sum(n0 + j, p.group_sums + (m0 + i) * p.groups);
     }
   }
   for (int i = 0; i < MB; ++i)
