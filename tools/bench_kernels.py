@@ -1,4 +1,5 @@
-"""Times each Pallas kernel against the XLA reference the engine runs without it, at serving shapes.
+"""Times each Pallas kernel (on CPU: each native kernel) against the XLA reference the engine runs
+without it, at serving shapes.
 
     python tools/bench_kernels.py [--shapes=small|large] [--dtype=float32|bfloat16] [--repeats=5] [--interpret]
 
@@ -6,9 +7,10 @@ On a TPU or GPU backend both are timed (medians over --repeats calls after a war
 kernel's achieved memory bandwidth and FLOP rate are reported, as a share of the device's peak when
 its kind is in PEAKS (else the achieved rates only). Bytes are the least each op must move (weights,
 the K/V it attends to, its inputs and outputs) and FLOPs the useful multiply-adds, so the shares are
-roofline fractions. On CPU only the references are timed: Pallas kernels have no CPU backend;
---interpret adds the kernels run by Pallas's interpreter, which exercises this tool end to end but
-says nothing about kernel speed.
+roofline fractions. On CPU the native kernels of `jinfer/native` (few-row matmuls) are timed against
+the references, and the other ops' references alone: Pallas kernels have no CPU backend;
+--interpret runs the Pallas kernels in Pallas's interpreter instead, which exercises this tool end to
+end but says nothing about kernel speed.
 
 Shapes: "large" is Llama-3-8B attention and int8/int4 MLP weights, Mixtral-8x7B experts (the default
 on accelerators); "small" is SmolLM2-135M-sized (the default on CPU, where the large ones take minutes).
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from jinfer.ops import moe
 from jinfer.ops.attention import LayerAttention, paged_attention_reference, write_kv
-from jinfer.ops.matmul import quantized_matmul
+from jinfer.ops.matmul import dense_matmul, quantized_matmul
 from pallas_kernels import quantized_matmul as qmm
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
 from pallas_kernels.testing import scaled_error
@@ -89,16 +91,18 @@ SHAPES = {
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One op: `make()` builds its inputs; the first `carry` inputs are pools updated in place (donated
-    and fed back), the rest read only. reference / kernel(interpret) map the inputs to outputs."""
+    and fed back), the rest read only. reference / kernel(interpret) (the Pallas kernel) / native (the
+    CPU kernel) map the inputs to outputs; an op without a Pallas or native kernel has None."""
 
     name: str
     shape: str
     make: Callable[[], tuple]
     reference: Callable
-    kernel: Callable[[bool], Callable]
+    kernel: Callable[[bool], Callable] | None
     bytes: int
     flops: int
     carry: int = 0
+    native: Callable | None = None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -245,7 +249,33 @@ def quantized_case(kind: str, rows: int, shapes: Shapes, dtype) -> Case:
         lambda interpret: functools.partial(run, "interpret" if interpret else "pallas"),
         bytes=weight_bytes + rows * (k + n) * jnp.dtype(dtype).itemsize,
         flops=2 * rows * k * n,
+        native=functools.partial(run, "native"),
     )
+
+
+def dense_case(rows: int, shapes: Shapes, dtype) -> Case:
+    """A float matmul of the MLP's shape: XLA's product against the native CPU kernel."""
+    n, k = shapes.mlp, shapes.embed
+
+    def make():
+        return _normal(10, (rows, k), dtype), _normal(11, (n, k), dtype) * 0.02
+
+    def run(kernels, x, w):
+        return dense_matmul(x, w, kernels=kernels)
+
+    return Case(
+        "float matmul",
+        f"{rows} x {k} -> {n}",
+        make,
+        functools.partial(run, "reference"),
+        None,
+        bytes=(n * k + rows * (k + n)) * jnp.dtype(dtype).itemsize,
+        flops=2 * rows * k * n,
+        native=functools.partial(run, "native"),
+    )
+
+
+SPECULATIVE_ROWS = 5  # a batch-1 verification pass with 4 drafted tokens
 
 
 def cases(shapes: Shapes, dtype) -> list[Case]:
@@ -257,9 +287,14 @@ def cases(shapes: Shapes, dtype) -> list[Case]:
         kv_write_case(shapes, dtype),
         moe_case(shapes, dtype),
         quantized_case("int8", 1, shapes, dtype),
+        quantized_case("int8", SPECULATIVE_ROWS, shapes, dtype),
         quantized_case("int8", shapes.prefill_tokens, shapes, dtype),
         quantized_case("int4", 1, shapes, dtype),
+        quantized_case("int4", SPECULATIVE_ROWS, shapes, dtype),
         quantized_case("int4", shapes.prefill_tokens, shapes, dtype),
+        dense_case(1, shapes, dtype),
+        dense_case(SPECULATIVE_ROWS, shapes, dtype),
+        dense_case(32, shapes, dtype),
     ]
 
 
@@ -297,11 +332,18 @@ class Row:
     error: float | None = None
 
 
-def measure(case: Case, run_kernel: bool, interpret: bool, repeats: int) -> Row:
+def kernel_for(case: Case, accelerated: bool, interpret: bool) -> Callable | None:
+    """The Pallas kernel on an accelerator or with --interpret, else the native CPU kernel (or None)."""
+    if accelerated or interpret:
+        return None if case.kernel is None else case.kernel(interpret)
+    return case.native
+
+
+def measure(case: Case, kernel: Callable | None, repeats: int) -> Row:
     reference_s, expected = time_op(case.reference, case.make(), case.carry, repeats)
-    if not run_kernel:
+    if kernel is None:
         return Row(case, reference_s)
-    kernel_s, out = time_op(case.kernel(interpret), case.make(), case.carry, repeats)
+    kernel_s, out = time_op(kernel, case.make(), case.carry, repeats)
     error = max(scaled_error(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)))
     return Row(case, reference_s, kernel_s, error)
 
@@ -349,16 +391,16 @@ def main(argv):
     accelerated = backend in ACCELERATORS
     shapes = SHAPES[FLAGS.shapes or ("large" if accelerated else "small")]
     dtype = jnp.dtype(FLAGS.dtype or ("bfloat16" if accelerated else "float32"))
-    run_kernel = accelerated or FLAGS.interpret
-    interpret = not accelerated
+    interpret = FLAGS.interpret and not accelerated
     device_kind = jax.devices()[0].device_kind
     peak = device_peak(device_kind) if accelerated else None
-    rows = [measure(case, run_kernel, interpret, FLAGS.repeats) for case in tqdm(cases(shapes, dtype), desc="ops", unit="op")]
+    timed = tqdm(cases(shapes, dtype), desc="ops", unit="op")
+    rows = [measure(case, kernel_for(case, accelerated, interpret), FLAGS.repeats) for case in timed]
     print(f"device: {device_kind} ({backend}); shapes: {shapes.label}; dtype: {dtype.name}; median of {FLAGS.repeats} calls")
     if not accelerated and FLAGS.interpret:
         print("CPU: kernels run interpreted, a check of results, not of speed; GB/s and GFLOP/s are the interpreter's")
     elif not accelerated:
-        print("CPU: XLA references only (Pallas kernels have no CPU backend); GB/s and GFLOP/s are the references'")
+        print("CPU: native kernels where an op has one, else the XLA reference alone; GB/s and GFLOP/s are the kernel's, else the reference's")
     elif peak is None:
         print(f"no peak figures for {device_kind!r}: achieved rates only")
     print(format_table(rows, peak))
