@@ -49,7 +49,7 @@ def test_float32_kernel_matches_a_float32_product(m, n, k):
     assert_close(native.dense_matmul(jnp.asarray(x), jnp.asarray(w)), expected)
 
 
-@pytest.mark.parametrize("m", (1, 3, 5, native.MAX_ROWS, native.MAX_WEIGHT_ONLY_ROWS))
+@pytest.mark.parametrize("m", (1, 3, 5, native.MAX_W8A8_ROWS, native.MAX_ROWS))
 @pytest.mark.parametrize("n", OUTPUTS)
 @pytest.mark.parametrize("kind", ("int8", "int8-g32", "int8-g16", "int4-g32", "int4-g64", "int4-sym-g32", "int4-g16"))
 def test_quantized_kernels_match_the_dequantizing_reference(m, n, kind):
@@ -100,10 +100,10 @@ def test_dispatch_hands_the_kernels_only_the_shapes_they_take():
     assert not _runs_native(lambda x, w: dense_matmul(x, w, kernels="native"), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     q = quantize_int8(w)
     assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), x, q)
-    weight_only_batch = jnp.ones((native.MAX_WEIGHT_ONLY_ROWS, 64))
-    assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), weight_only_batch, q)
+    past_w8a8 = jnp.ones((native.MAX_W8A8_ROWS + 1, 64))
+    assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), past_w8a8, q)
     dynamic = DynamicInt8Weights(values=q.values, scales=q.scales)
-    assert not _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), weight_only_batch, dynamic)
+    assert not _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), past_w8a8, dynamic)
     odd_halves = quantize_int4(jnp.ones((8, 48)), 16, False)  # K / 2 = 24 is not whole vectors
     assert not native.supports_quantized(jnp.ones((3, 48)), odd_halves)
     np.testing.assert_allclose(

@@ -4,6 +4,6 @@ those shapes well below the machine's memory bandwidth, and runs weight-only int
 by dequantizing the whole matrix first. `jinfer.ops.matmul` calls them in kernel mode "native"."""
 
 from jinfer.native.library import TARGETS, available
-from jinfer.native.matmul import MAX_ROWS, MAX_WEIGHT_ONLY_ROWS, dense_matmul, quantized_matmul, supports_dense, supports_quantized
+from jinfer.native.matmul import MAX_ROWS, MAX_W8A8_ROWS, dense_matmul, quantized_matmul, supports_dense, supports_quantized
 
-__all__ = ["MAX_ROWS", "MAX_WEIGHT_ONLY_ROWS", "TARGETS", "available", "dense_matmul", "quantized_matmul", "supports_dense", "supports_quantized"]
+__all__ = ["MAX_ROWS", "MAX_W8A8_ROWS", "TARGETS", "available", "dense_matmul", "quantized_matmul", "supports_dense", "supports_quantized"]

@@ -11,11 +11,11 @@ from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedW
 
 LANES = 16  # float32 columns per vector in matmul.cc: K and the groups are multiples of it
 # Rows of x up to which the kernels beat XLA:CPU, by SmolLM2's layer shapes (WORKSPACE.md,
-# "Native CPU kernels"): past 16 rows XLA's GEMM is as fast for float32 weights and faster for w8a8's
-# int8 x int8 products; weight-only int8 / int4, which XLA runs by dequantizing the whole matrix,
-# stay faster natively up to 32 rows.
-MAX_ROWS = 16
-MAX_WEIGHT_ONLY_ROWS = 32
+# "Native CPU kernels"): float32 and weight-only int8 / int4 products up to 32 rows (XLA's GEMM
+# catches up with float32 weights there, and runs weight-only ones by dequantizing the matrix);
+# w8a8 up to 16, past which XLA's int8 x int8 GEMM is faster.
+MAX_ROWS = 32
+MAX_W8A8_ROWS = 16
 
 
 def _takes(x, fan_in: int, max_rows: int) -> bool:
@@ -34,7 +34,7 @@ def supports_quantized(x, weights: QuantizedWeights) -> bool:
     fan_in = weights.shape[1]
     if isinstance(weights, Int4Weights) and fan_in % (2 * LANES):
         return False
-    max_rows = MAX_ROWS if isinstance(weights, DynamicInt8Weights) else MAX_WEIGHT_ONLY_ROWS
+    max_rows = MAX_W8A8_ROWS if isinstance(weights, DynamicInt8Weights) else MAX_ROWS
     return weights.group_size % LANES == 0 and _takes(x, fan_in, max_rows)
 
 
