@@ -53,7 +53,9 @@ def test_float32_kernel_matches_a_float32_product(m, n, k):
 @pytest.mark.parametrize("n", OUTPUTS)
 @pytest.mark.parametrize("kind", ("int8", "int8-g32", "int8-g16", "int4-g32", "int4-g64", "int4-sym-g32", "int4-g16"))
 def test_quantized_kernels_match_the_dequantizing_reference(m, n, kind):
-    k = 128 if kind == "int4-g64" else 96  # groups of 64 straddle the halves of K = 128's int4 layout
+    # K = 96: int4's halves of 48 columns cut a group of 32 in two (the kernel's general path);
+    # groups of 16, or of 64 in K = 128, fit each half whole (its path with one load for both halves).
+    k = 128 if kind == "int4-g64" else 96
     x, weights = jnp.asarray(random_normal(m, (m, k))), _weights(kind, n, k)
     assert native.supports_quantized(x, weights)
     assert_close(native.quantized_matmul(x, weights), quantized_matmul_reference(x, weights))

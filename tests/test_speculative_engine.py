@@ -213,29 +213,52 @@ PASSAGE = (
 )
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_ngram_speculation_equals_plain(smollm2):
-    """The real model at batch 8, then one of its prompts alone, with n-gram drafts on passages it is
-    asked to repeat. Plain greedy decoding is checked teacher-forced: one full-sequence forward over
-    each prompt and its speculative output gives, at every generated position, that token as its
-    argmax (a plain greedy run would compile the 30-layer step again for every bucket). Layer-skip on
-    SmolLM2 keeps almost no drafts — an untrained early exit — so self-drafting's exactness is shown
-    on the tiny models, where one layer and every layer give rejected and accepted drafts."""
+def _smollm2_speculative_run(smollm2, speculative: SpeculativeConfig, draft: Model | None = None):
+    """The real model at batch 8, then one of its prompts alone, speculating on passages it is asked
+    to repeat -> the engine. Plain greedy decoding is checked teacher-forced: one full-sequence
+    forward over each prompt and its speculative output gives, at every generated position, that
+    token as its argmax (a plain greedy run would compile the 30-layer step again for every bucket)."""
     tokenizer = smollm2.tokenizer
     asks = ["Repeat this passage word for word:", "Summarise this passage:", "Copy the text below exactly:", "Rewrite this passage:"]
     chats = [[{"role": "user", "content": f"{ask}\n\n{PASSAGE}"}] for ask in asks * 2]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(chat), add_special_tokens=False) for chat in chats]
     config = EngineConfig(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, page_size=16, kv_cache_memory="16MiB")
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    engine = Engine(smollm2, config, measure_step_memory=False, speculative=SpeculativeConfig(method="ngram", num_tokens=4, min_acceptance=0.0))
+    engine = Engine(smollm2, config, measure_step_memory=False, speculative=speculative, draft_model=draft)
     outputs = [r.output_ids for r in _run(engine, prompts, params)]
-    assert engine.speculator.stats.accepted > 0
+    assert engine.speculator.stats.drafted > 0
     sequences = [prompt + output for prompt, output in zip(prompts, outputs)]
     width = max(map(len, sequences))
     logits = smollm2.logits(np.asarray([sequence + [0] * (width - len(sequence)) for sequence in sequences]))
     for row, (prompt, output) in enumerate(zip(prompts, outputs)):
         assert np.argmax(logits[row, len(prompt) - 1 : len(prompt) - 1 + len(output)], axis=-1).tolist() == output
-    accepted_at_batch_8 = engine.speculator.stats.accepted
+    drafted_at_batch_8 = engine.speculator.stats.drafted
     (alone,) = _run(engine, prompts[:1], params)
     assert alone.output_ids == outputs[0]
-    assert engine.speculator.stats.accepted > accepted_at_batch_8
+    assert engine.speculator.stats.drafted > drafted_at_batch_8
+    return engine
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_ngram_speculation_equals_plain(smollm2):
+    engine = _smollm2_speculative_run(smollm2, SpeculativeConfig(method="ngram", num_tokens=4, min_acceptance=0.0))
+    assert engine.speculator.stats.accepted > 0
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_self_drafting_equals_plain(smollm2):
+    """Layer-skip on SmolLM2 (an untrained early exit) keeps few drafts: the rejections are what this
+    checks on the real model; the tiny models cover accepted runs."""
+    _smollm2_speculative_run(smollm2, SpeculativeConfig(method="self", num_tokens=2, min_acceptance=0.0))
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_draft_model_speculation_equals_plain(smollm2):
+    """A one-layer random draft model with SmolLM2's vocabulary, whose drafts are mostly rejected (no
+    smaller trained model shares SmolLM2's tokenizer offline; the tiny models cover accepted runs)."""
+    config = smollm2.config.replace(
+        hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, layer_windows=(0,)
+    )
+    draft = Model(config, init_params(config, seed=3), None, np.dtype(np.float32))
+    speculative = SpeculativeConfig(method="draft", num_tokens=3, draft_model="random one-layer", min_acceptance=0.0)
+    _smollm2_speculative_run(smollm2, speculative, draft)
