@@ -14,8 +14,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
 ).strip()
 
-# Models decoded from GGUF are cached per test session, never in the user's cache.
+# Models decoded from GGUF and the built CPU kernels are cached per test process, never in the user's cache.
 os.environ["JINFER_MODEL_CACHE"] = tempfile.mkdtemp(prefix="jinfer-model-cache-")
+os.environ["JINFER_NATIVE_CACHE"] = tempfile.mkdtemp(prefix="jinfer-native-cache-")
 
 import pytest  # noqa: E402
 
