@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from engine_runs import run_to_completion
 
 from jinfer import config as config_lib
 from jinfer import draft_heads
@@ -88,13 +89,6 @@ def _engine(model, path, k, config=CONFIG):
     return Engine(model, config, measure_step_memory=False, cache_fill=float("nan"), poison_freed_pages=True, speculative=spec)
 
 
-def _run(engine, prompts, params):
-    requests = [engine.add_request(p, params) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    return requests
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_head_logits_follow_the_formula(tie):
     model = _tiny(tie_word_embeddings=tie)
@@ -135,8 +129,8 @@ def test_greedy_speculation_with_heads_equals_plain_greedy(target, heads_path, k
     engine = _engine(target, heads_path, k, dataclasses.replace(CONFIG, kv_cache_memory="24KiB"))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     prompts = [p[: k + 1] for p in _prompts(9, seed=10 + k)]
-    batch8 = _run(engine, prompts[:8], params)
-    batch1 = _run(engine, prompts[8:], params)
+    batch8 = run_to_completion(engine, prompts[:8], params)
+    batch1 = run_to_completion(engine, prompts[8:], params)
     assert [r.output_ids for r in batch8 + batch1] == [target.greedy_continuation(p, MAX_TOKENS) for p in prompts]
     stats = engine.speculator.stats
     assert 0 < stats.accepted < stats.drafted
@@ -150,10 +144,7 @@ def test_seeded_sampled_rows_with_heads_are_reproducible(target, heads_path):
 
     def run():
         engine = _engine(target, heads_path, 1)
-        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while engine.has_unfinished():
-            engine.step()
-        return engine, requests
+        return engine, run_to_completion(engine, prompts, params)
 
     engine, requests = run()
     for request in requests:

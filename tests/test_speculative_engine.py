@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from engine_runs import run_to_completion
 
 from jinfer import config as config_lib
 from jinfer.config import EngineConfig
@@ -48,13 +49,6 @@ def _engine(model, spec, draft=None, config=CONFIG):
     return Engine(model, config, measure_step_memory=False, cache_fill=NAN, poison_freed_pages=True, speculative=spec, draft_model=draft)
 
 
-def _run(engine, prompts, params):
-    requests = [engine.add_request(p, params) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    return requests
-
-
 @pytest.fixture(scope="module")
 def other():
     """A different random model with the target's vocabulary: its drafts are mostly rejected."""
@@ -84,8 +78,8 @@ def test_greedy_speculation_equals_plain_greedy(target, other, method, k):
     engine = _engine(target, SpeculativeConfig(num_tokens=k, min_acceptance=0.0, **options), draft)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     prompts = _prompts(9, seed=k)
-    batch8 = _run(engine, prompts[:8], params)
-    batch1 = _run(engine, prompts[8:], params)
+    batch8 = run_to_completion(engine, prompts[:8], params)
+    batch1 = run_to_completion(engine, prompts[8:], params)
     expected = [target.greedy_continuation(p, MAX_TOKENS) for p in prompts]
     assert [r.output_ids for r in batch8 + batch1] == expected
     stats = engine.speculator.stats
@@ -97,16 +91,16 @@ def test_greedy_speculation_equals_plain_greedy(target, other, method, k):
     assert engine.allocator.num_free == engine.plan.num_pages - 1
 
 
-def test_stop_token_and_max_tokens_inside_an_accepted_run(target):
+def test_stop_token_and_max_tokens_inside_an_acceptedrun_to_completion(target):
     """The draft model is the target, so every pass keeps all 4 drafts: stops land inside runs."""
     engine = _engine(target, SpeculativeConfig(method="draft", num_tokens=4, draft_model="target", min_acceptance=0.0), target)
     prompt = _prompts(1, seed=20)[0]
     expected = target.greedy_continuation(prompt, MAX_TOKENS)
     stop = expected[6]
     cut = expected.index(stop) + 1
-    stopped, = _run(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=(stop,)))
+    stopped, = run_to_completion(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=(stop,)))
     assert stopped.output_ids == expected[:cut] and stopped.finish_reason == "stop"
-    short, = _run(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=3))
+    short, = run_to_completion(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=3))
     assert short.output_ids == expected[:3] and short.finish_reason == "length"
     assert engine.speculator.stats.accepted > 0
     assert engine.allocator.num_free == engine.plan.num_pages - 1
@@ -119,10 +113,7 @@ def test_seeded_sampled_speculation_gives_valid_reproducible_tokens(target, othe
 
     def run():
         engine = _engine(target, spec, other)
-        requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while engine.has_unfinished():
-            engine.step()
-        return engine, requests
+        return engine, run_to_completion(engine, prompts, params)
 
     engine, requests = run()
     for request in requests:
@@ -156,7 +147,7 @@ def test_exported_step_programs_run_the_speculative_step(target, tmp_path):
     config = dataclasses.replace(CONFIG, program_cache=str(tmp_path))
     engine = _engine(target, SpeculativeConfig(num_tokens=4, min_acceptance=0.0), config=config)
     prompt = _prompts(1, seed=24)[0]
-    request, = _run(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    request, = run_to_completion(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
     assert request.output_ids == target.greedy_continuation(prompt, MAX_TOKENS)
     assert engine.speculator.stats.accepted > 0
     assert len(list(tmp_path.glob("*.jaxexport"))) == len(engine.bucket_shapes_used) + len(engine.speculative_shapes_used)
@@ -181,7 +172,7 @@ def test_low_acceptance_falls_back_to_plain_decoding_then_probes():
 def test_plain_engine_compiles_no_speculative_program(target):
     compiled = speculative_step._cache_size()
     engine = Engine(target, CONFIG, measure_step_memory=False)
-    _run(engine, _prompts(2, seed=23), SamplingParams(temperature=0.0, max_tokens=4))
+    run_to_completion(engine, _prompts(2, seed=23), SamplingParams(temperature=0.0, max_tokens=4))
     assert speculative_step._cache_size() == compiled and not engine.speculative_shapes_used
 
 
@@ -213,7 +204,7 @@ PASSAGE = (
 )
 
 
-def _smollm2_speculative_run(smollm2, speculative: SpeculativeConfig, draft: Model | None = None):
+def _smollm2_speculativerun_to_completion(smollm2, speculative: SpeculativeConfig, draft: Model | None = None):
     """The real model at batch 8, then one of its prompts alone, speculating on passages it is asked
     to repeat -> the engine. Plain greedy decoding is checked teacher-forced: one full-sequence
     forward over each prompt and its speculative output gives, at every generated position, that
@@ -225,7 +216,7 @@ def _smollm2_speculative_run(smollm2, speculative: SpeculativeConfig, draft: Mod
     config = EngineConfig(max_num_seqs=8, max_model_len=128, max_num_batched_tokens=64, page_size=16, kv_cache_memory="16MiB")
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     engine = Engine(smollm2, config, measure_step_memory=False, speculative=speculative, draft_model=draft)
-    outputs = [r.output_ids for r in _run(engine, prompts, params)]
+    outputs = [r.output_ids for r in run_to_completion(engine, prompts, params)]
     assert engine.speculator.stats.drafted > 0
     sequences = [prompt + output for prompt, output in zip(prompts, outputs)]
     width = max(map(len, sequences))
@@ -233,7 +224,7 @@ def _smollm2_speculative_run(smollm2, speculative: SpeculativeConfig, draft: Mod
     for row, (prompt, output) in enumerate(zip(prompts, outputs)):
         assert np.argmax(logits[row, len(prompt) - 1 : len(prompt) - 1 + len(output)], axis=-1).tolist() == output
     drafted_at_batch_8 = engine.speculator.stats.drafted
-    (alone,) = _run(engine, prompts[:1], params)
+    (alone,) = run_to_completion(engine, prompts[:1], params)
     assert alone.output_ids == outputs[0]
     assert engine.speculator.stats.drafted > drafted_at_batch_8
     return engine
@@ -241,7 +232,7 @@ def _smollm2_speculative_run(smollm2, speculative: SpeculativeConfig, draft: Mod
 
 @pytest.mark.slow
 def test_smollm2_greedy_ngram_speculation_equals_plain(smollm2):
-    engine = _smollm2_speculative_run(smollm2, SpeculativeConfig(method="ngram", num_tokens=4, min_acceptance=0.0))
+    engine = _smollm2_speculativerun_to_completion(smollm2, SpeculativeConfig(method="ngram", num_tokens=4, min_acceptance=0.0))
     assert engine.speculator.stats.accepted > 0
 
 
@@ -249,7 +240,7 @@ def test_smollm2_greedy_ngram_speculation_equals_plain(smollm2):
 def test_smollm2_greedy_self_drafting_equals_plain(smollm2):
     """Layer-skip on SmolLM2 (an untrained early exit) keeps few drafts: the rejections are what this
     checks on the real model; the tiny models cover accepted runs."""
-    _smollm2_speculative_run(smollm2, SpeculativeConfig(method="self", num_tokens=2, min_acceptance=0.0))
+    _smollm2_speculativerun_to_completion(smollm2, SpeculativeConfig(method="self", num_tokens=2, min_acceptance=0.0))
 
 
 @pytest.mark.slow
@@ -261,4 +252,4 @@ def test_smollm2_greedy_draft_model_speculation_equals_plain(smollm2):
     )
     draft = Model(config, init_params(config, seed=3), None, np.dtype(np.float32))
     speculative = SpeculativeConfig(method="draft", num_tokens=3, draft_model="random one-layer", min_acceptance=0.0)
-    _smollm2_speculative_run(smollm2, speculative, draft)
+    _smollm2_speculativerun_to_completion(smollm2, speculative, draft)
