@@ -299,9 +299,10 @@ class EngineConfig:
     program_cache: str = ""  # directory of serialized step programs (see jinfer.step_programs); "": trace every start
     kernels: str = "auto"  # hot ops: auto | reference | native | pallas | interpret (see jinfer.ops.backend)
     kv_cache_dtype: str = "auto"  # KV page pool: auto (the model's dtype) | int8 (per token-and-head scales, see jinfer.cache)
+    fused_decode_steps: int = 1  # decode steps run as one program while every running request decodes (see jinfer.decode_loop)
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "page_size"):
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "page_size", "fused_decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -55,8 +55,8 @@ def penalised(logits, batch: StepBatch):
     return apply_penalties(logits, batch.sampling, prompt_counts > 0, output_counts)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("kv_cache",))
-def step(params, kv_cache, batch: StepBatch, *, config: ModelConfig, dtype):
+def forward_and_sample(params, kv_cache, batch: StepBatch, config: ModelConfig, dtype) -> tuple[object, StepOutput]:
+    """The step's computation, unjitted (`decode_loop` runs it in a scan)."""
     backend = PagedAttention(batch.slots, batch.page_table, batch.kv_lens, batch.query_start, batch.kernels)
     with kernel_scope(batch.kernels):
         logits, kv_cache = Transformer(config, dtype).apply(
@@ -64,3 +64,8 @@ def step(params, kv_cache, batch: StepBatch, *, config: ModelConfig, dtype):
         )
     logits = penalised(logits, batch)
     return kv_cache, StepOutput(sample(logits, batch.sampling, MAX_LOGPROBS), logits)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("kv_cache",))
+def step(params, kv_cache, batch: StepBatch, *, config: ModelConfig, dtype):
+    return forward_and_sample(params, kv_cache, batch, config, dtype)

@@ -25,21 +25,24 @@ from jax import export
 
 from jinfer import native
 from jinfer.config import ModelConfig
+from jinfer.decode_loop import DecodeLoopBatch, decode_loop
 from jinfer.ops import backend as kernel_backend
 from jinfer.sampling import SampleResult
 from jinfer.source_digest import source_digest
 from jinfer.speculative_step import SpeculativeBatch, SpeculativeOutput, speculative_step
-from jinfer.step import StepOutput, step
+from jinfer.step import StepBatch, StepOutput, step
 
 _OUTPUT_TREES = {
-    False: jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0)),
-    True: jax.tree.structure(SpeculativeOutput(0, 0, 0, 0, 0, 0)),
+    StepBatch: jax.tree.structure(StepOutput(SampleResult(0, 0, 0, 0), 0)),
+    SpeculativeBatch: jax.tree.structure(SpeculativeOutput(0, 0, 0, 0, 0, 0)),
+    DecodeLoopBatch: jax.tree.structure(SampleResult(0, 0, 0, 0)),
 }
+_PROGRAMS = {StepBatch: step, SpeculativeBatch: speculative_step, DecodeLoopBatch: decode_loop}
 
 
 def step_function(batch):
-    """The jitted program a batch runs: `speculative_step` for a SpeculativeBatch, else `step`."""
-    return speculative_step if isinstance(batch, SpeculativeBatch) else step
+    """The jitted program a batch runs: `step`, `speculative_step` or `decode_loop`, by its type."""
+    return _PROGRAMS[type(batch)]
 
 
 def _signature(leaves) -> str:
@@ -91,7 +94,7 @@ class StepPrograms:
         if not _single_device(leaves[0] + leaves[1]):
             return self._jit_step(params, kv_cache, batch)
         cache_leaves, output_leaves = self._call_for(leaves, trees)(*leaves)
-        output_tree = _OUTPUT_TREES[isinstance(batch, SpeculativeBatch)]
+        output_tree = _OUTPUT_TREES[type(batch)]
         return jax.tree.unflatten(trees[1], cache_leaves), jax.tree.unflatten(output_tree, output_leaves)
 
     def temp_bytes(self, params, kv_cache, batch) -> int | None:

@@ -1,5 +1,5 @@
 """Serialized step programs: a second engine on the same directory never traces the model, and its
-tokens equal those of an engine that jits the step in-process."""
+tokens equal those of an engine that jits the step in-process (single steps and fused decode loops)."""
 
 import dataclasses
 
@@ -17,7 +17,7 @@ from jinfer.models.transformer import Transformer
 from jinfer.sampling import SamplingParams
 from jinfer.step_programs import StepPrograms
 
-CONFIG = EngineConfig(max_num_seqs=2, max_model_len=32, max_num_batched_tokens=8, page_size=8, kv_cache_memory="512KiB")
+CONFIG = EngineConfig(max_num_seqs=2, max_model_len=32, max_num_batched_tokens=8, page_size=8, kv_cache_memory="512KiB", fused_decode_steps=2)
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=5), SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=5)]
 
 
@@ -42,7 +42,7 @@ def test_a_warm_engine_runs_the_saved_programs_without_tracing(llama, tmp_path, 
     cold = Engine(llama, config)
     assert generate(cold) == expected
     saved = sorted(tmp_path.glob("step-*.jaxexport"))
-    assert saved
+    assert cold.decode_loop_shapes_used and len(saved) > len(cold.bucket_shapes_used)  # plain steps and a fused decode loop
 
     def no_tracing(*args, **kwargs):
         raise AssertionError("the model was traced although its step programs are saved")

@@ -9,7 +9,8 @@ import numpy as np
 from jinfer.cache import NULL_PAGE, slots_for
 from jinfer.config import EngineConfig, ModelConfig
 from jinfer.engine.scheduler import Schedule
-from jinfer.sampling import SamplingBatch
+from jinfer.decode_loop import DecodeLoopBatch
+from jinfer.sampling import SamplingBatch, step_keys
 from jinfer.speculative_step import SpeculativeBatch
 from jinfer.step import StepBatch
 
@@ -108,6 +109,16 @@ def speculative_batch(
         draft_config=draft_config,
         sampled=any(row.request.params.temperature > 0 for row in schedule.rows),
     )
+
+
+def decode_loop_batch(schedule: Schedule, step_batch: StepBatch, num_steps: int, page_size: int) -> DecodeLoopBatch:
+    """Wraps a built batch of decodes for `decode_loop`: iteration s samples each row's next output
+    index + s with the key a single step would use for it."""
+    keys = np.zeros((num_steps, *step_batch.sampling.keys.shape), np.uint32)
+    seeds = [row.request.seed for row in schedule.rows]
+    for s in range(num_steps):
+        keys[s, : len(seeds)] = step_keys(seeds, [len(row.request.output_ids) + s for row in schedule.rows])
+    return DecodeLoopBatch(step=step_batch, keys=keys, page_size=page_size)
 
 
 def padding_batch(config: EngineConfig, num_tokens: int, num_rows: int, pages_per_row: int) -> StepBatch:

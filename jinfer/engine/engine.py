@@ -14,7 +14,8 @@ from absl import logging
 from jinfer.cache import abstract_cache, allocate_cache, fill_pages, kv_budget_bytes, kv_dtype, page_bytes, plan_memory, pool_sharding
 from jinfer.config import EngineConfig
 from jinfer.draft_heads import DraftHeads, check_heads, load_heads
-from jinfer.engine.batch import build_batch, padding_batch, speculative_batch
+from jinfer.decode_loop import DecodeLoopBatch
+from jinfer.engine.batch import build_batch, decode_loop_batch, padding_batch, speculative_batch
 from jinfer.engine.multihost import StepBroadcast
 from jinfer.engine.page_allocator import PageAllocator
 from jinfer.engine.request import Request
@@ -22,7 +23,7 @@ from jinfer.engine.scheduler import Schedule, Scheduler
 from jinfer.engine.speculation import Speculator
 from jinfer.model import Model
 from jinfer.ops import backend as kernel_backend
-from jinfer.sampling import SamplingParams
+from jinfer.sampling import SampleResult, SamplingParams
 from jinfer.speculative import SpeculativeConfig
 from jinfer.speculative_step import SpeculativeBatch, SpeculativeOutput
 from jinfer.step import StepBatch, StepOutput
@@ -91,8 +92,9 @@ class Engine:
         self._seeds = np.random.default_rng(seed)
         self._bucket_shapes: set[tuple[int, ...]] = set()
         self._speculative_shapes: set[tuple[int, ...]] = set()
+        self._loop_shapes: set[tuple[int, ...]] = set()
         self._poison_value = cache_fill if poison_freed_pages else None
-        self.last_output = None  # the last step's StepOutput (device arrays), for tests and debugging
+        self.last_output = None  # the last program's StepOutput, SpeculativeOutput or (fused decode) SampleResult [N, R]: for tests and debugging
 
     def _largest_step_temp_bytes(self) -> int | None:
         """Temporaries of the step at its largest bucket, from XLA's memory analysis (None if unavailable)."""
@@ -141,6 +143,11 @@ class Engine:
     def speculative_shapes_used(self) -> set[tuple[int, ...]]:
         """(tokens, rows, pages per row, history width, draft slots K) of every speculative step run so far."""
         return set(self._speculative_shapes)
+
+    @property
+    def decode_loop_shapes_used(self) -> set[tuple[int, ...]]:
+        """(tokens, rows, pages per row, history width, steps N) of every fused decode run so far."""
+        return set(self._loop_shapes)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError naming the problem if the request could never run."""
@@ -195,6 +202,8 @@ class Engine:
                 self.speculator.drop_drafts(request)
         if not schedule.rows:
             return []
+        if self._fuses_decode_steps(schedule):
+            return self._run_decode_loop(schedule)
         batch = build_batch(schedule, self.config)
         if self.speculator is not None and (self.speculative.method in ("draft", "heads") or schedule.speculates):
             width = self.speculative.num_tokens
@@ -206,7 +215,37 @@ class Engine:
         self.run_batch(batch)
         return self._apply(schedule, jax.device_get(self.last_output.sampled))
 
-    def run_batch(self, batch: StepBatch | SpeculativeBatch) -> StepOutput | SpeculativeOutput:
+    def _fuses_decode_steps(self, schedule: Schedule) -> bool:
+        """Whether the schedule's rows run `fused_decode_steps` decode steps in one program: only when
+        every running request decodes (nothing waits for its prefill), each has room for that many
+        tokens, and their pages can be reserved without preempting anyone."""
+        steps = self.config.fused_decode_steps
+        if steps == 1 or self.speculator is not None or self.multihost is not None or self.scheduler.waiting:
+            return False
+        requests = [row.request for row in schedule.rows]
+        if len(requests) != len(self.scheduler.running) or any(not row.samples or row.num_tokens != 1 for row in schedule.rows):
+            return False
+        room = min(min(r.params.max_tokens - len(r.output_ids), self.config.max_model_len - r.num_tokens) for r in requests)
+        return room >= steps and self.scheduler.reserve_ahead(requests, steps - 1)
+
+    def _run_decode_loop(self, schedule: Schedule) -> list[TokenEvent]:
+        """Runs the fused decode steps, then applies each row's tokens in order until it finishes."""
+        steps = self.config.fused_decode_steps
+        batch = decode_loop_batch(schedule, build_batch(schedule, self.config), steps, self.config.page_size)
+        sampled = jax.device_get(self.run_batch(batch))
+        now = time.perf_counter()
+        events = []
+        for i, row in enumerate(schedule.rows):
+            request = row.request
+            for s in range(steps):
+                request.num_computed = row.start + s + 1
+                event = self._append(request, int(sampled.tokens[s, i]), float(sampled.logprob[s, i]), sampled.top_ids[s, i], sampled.top_logprobs[s, i], now)
+                events.append(event)
+                if event.finished:
+                    break
+        return events
+
+    def run_batch(self, batch: StepBatch | SpeculativeBatch | DecodeLoopBatch) -> StepOutput | SpeculativeOutput | SampleResult:
         """Runs the step on a host batch and keeps the updated pool(s); in a multi-process run every
         process calls this with the same (plain) batch (see `engine.multihost`)."""
         device_batch = jax.tree.map(jnp.asarray, batch)
@@ -220,6 +259,11 @@ class Engine:
             else:
                 params = (self.model.params, self.draft_model.params)
                 (self.kv_cache, self.draft_cache), self.last_output = self._step(params, (self.kv_cache, self.draft_cache), device_batch)
+            return self.last_output
+        if isinstance(batch, DecodeLoopBatch):
+            step_batch = batch.step
+            self._loop_shapes.add((step_batch.tokens.shape[0], *step_batch.page_table.shape, step_batch.history.shape[1], batch.keys.shape[0]))
+            self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)
             return self.last_output
         self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
         self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)

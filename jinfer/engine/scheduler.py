@@ -117,6 +117,15 @@ class Scheduler:
         request.pages += self.allocator.allocate(missing)
         return True
 
+    def reserve_ahead(self, requests: list[Request], num_tokens: int) -> bool:
+        """Pages for `num_tokens` more tokens of every request, all or none (nobody is preempted)."""
+        missing = [max(self.pages_needed(r.num_tokens + num_tokens) - len(r.pages), 0) for r in requests]
+        if not self.allocator.can_allocate(sum(missing)):
+            return False
+        for request, count in zip(requests, missing):
+            request.pages += self.allocator.allocate(count)
+        return True
+
     def _drafts(self, request: Request, spare_tokens: int) -> tuple[int, tuple[int, ...]]:
         """The proposer's drafts for a decode row, within the spare budget and max_model_len; none
         when their pages are not free (drafts never preempt anyone)."""
