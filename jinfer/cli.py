@@ -182,6 +182,7 @@ def bench() -> None:
         baseline=FLAGS.baseline,
         kv_cache_memory=FLAGS.kv_cache_memory if FLAGS["kv_cache_memory"].present else BenchmarkOptions.kv_cache_memory,
         page_size=FLAGS.page_size,
+        fused_decode_steps=FLAGS.fused_decode_steps,
         seed=FLAGS.seed or 0,
         warm_start=FLAGS.warm_start,
     )

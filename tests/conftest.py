@@ -34,3 +34,14 @@ def smollm2(smollm2_gguf):
     import jinfer
 
     return jinfer.load(smollm2_gguf)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drops every compiled program after each test module. An XLA:CPU executable holds about ten
+    memory mappings; a test process that kept all the suite's thousands of programs would pass
+    Linux's per-process limit (vm.max_map_count, 65,530) and abort inside a later compile."""
+    yield
+    import jax
+
+    jax.clear_caches()
