@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from jinfer.config import EngineConfig
+from jinfer.config import SERVING_DEFAULTS, EngineConfig
 from jinfer.defaults import default_model_path
 from jinfer.engine import multihost
 from jinfer.engine.engine import Engine
@@ -59,7 +59,7 @@ class StreamChunk:
 
 
 class LLM:
-    """A model and its serving engine. `engine_options` are EngineConfig fields."""
+    """A model and its serving engine. `engine_options` are EngineConfig fields (SERVING_DEFAULTS where unset)."""
 
     def __init__(
         self,
@@ -82,7 +82,7 @@ class LLM:
         path = model if model is not None else default_model_path()
         self.model = load(path, dtype=dtype, mesh=mesh, quantize=quantize, group_size=group_size, quantize_lm_head=quantize_lm_head)
         draft = None if speculative is None or speculative.draft_model is None else load(speculative.draft_model, dtype=dtype, mesh=mesh)
-        self.engine = Engine(self.model, EngineConfig(**engine_options), seed=seed, speculative=speculative, draft_model=draft)
+        self.engine = Engine(self.model, EngineConfig(**{**SERVING_DEFAULTS, **engine_options}), seed=seed, speculative=speculative, draft_model=draft)
 
     @property
     def tokenizer(self):

@@ -33,7 +33,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jinfer.cache import format_bytes
-from jinfer.config import EngineConfig
+from jinfer.config import SERVING_DEFAULTS, EngineConfig
 from jinfer.defaults import default_model_path
 from jinfer.engine.engine import Engine
 from jinfer.model import Model, load
@@ -61,7 +61,7 @@ class BenchmarkOptions:
     baseline: bool = True
     kv_cache_memory: str = "1GiB"
     page_size: int = 16
-    fused_decode_steps: int = 1  # EngineConfig.fused_decode_steps of the engine measured
+    fused_decode_steps: int = SERVING_DEFAULTS["fused_decode_steps"]  # EngineConfig.fused_decode_steps of the engine measured
     seed: int = 0
     progress: bool = True
     warm_start: bool = False  # also time `jinfer generate --max_tokens=1` in a fresh process, caches filled

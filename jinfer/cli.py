@@ -9,7 +9,7 @@ import time
 
 from absl import app, flags, logging
 
-from jinfer.config import EngineConfig
+from jinfer.config import SERVING_DEFAULTS, EngineConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
@@ -51,7 +51,7 @@ flags.DEFINE_integer("process_id", None, "Multi-process run: this process's inde
 flags.DEFINE_string("compilation_cache", os.path.join(os.path.expanduser("~"), ".cache", "jinfer", "xla"), "Persistent XLA compilation cache directory ('' to disable).")
 for _field in dataclasses.fields(EngineConfig):
     _define = flags.DEFINE_integer if _field.type in ("int", int) else flags.DEFINE_string
-    _define(_field.name, _field.default, f"Engine: {_field.name} (EngineConfig).")
+    _define(_field.name, SERVING_DEFAULTS.get(_field.name, _field.default), f"Engine: {_field.name} (EngineConfig).")
 
 COMMANDS = ("generate", "chat", "bench", "convert")
 

@@ -279,6 +279,10 @@ def _powers_of_two_up_to(limit: int, smallest: int) -> tuple[int, ...]:
 
 
 KV_CACHE_DTYPES = ("auto", "int8")
+# What the front doors (jinfer.LLM, the CLI, the benchmark) change from EngineConfig's defaults. An
+# Engine stepped by hand runs one program per step (its `last_output` holds each step's logits);
+# serving fuses decode steps, which on the 2-core CPU gave ~30% more batch-1 tokens/s (WORKSPACE.md).
+SERVING_DEFAULTS = {"fused_decode_steps": 8}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from absl import app, flags
 
 from jinfer.bench import BenchmarkOptions, decode_pass, prefill_pass, side_by_side, build_workload, engine_config
 from jinfer.cache import format_bytes
+from jinfer.config import SERVING_DEFAULTS
 from jinfer.checkpoint import orbax_io
 from jinfer.defaults import default_model_path
 from jinfer.engine.engine import Engine
@@ -35,7 +36,7 @@ flags.DEFINE_integer("decode_steps", 31, "Timed single-token decode steps.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Decode batch sizes.")
 flags.DEFINE_integer("repeats", 1, "Timed passes per measurement (median).")
 flags.DEFINE_string("kv_cache_memory", "1GiB", "KV pool budget of every mode.")
-flags.DEFINE_list("fused_decode_steps", ["1"], "Engine decode steps fused in one program; each value is a row of every mode.")
+flags.DEFINE_list("fused_decode_steps", [str(SERVING_DEFAULTS["fused_decode_steps"])], "Engine decode steps fused in one program; each value is a row of every mode.")
 flags.DEFINE_bool("disk", True, "Measure bytes on disk by writing each mode's checkpoint to a temporary directory.")
 FLAGS = flags.FLAGS
 
