@@ -87,6 +87,7 @@ def run_speculative_benchmark(
         max_num_batched_tokens=max(512, max(options.batch_sizes)),
         page_size=options.page_size,
         kv_cache_memory=options.kv_cache_memory,
+        fused_decode_steps=options.fused_decode_steps,  # plain decoding as served; speculation runs single passes
     )
     plain = Engine(model, config, measure_step_memory=False)
     speculative = Engine(model, config, measure_step_memory=False, speculative=spec, draft_model=draft)
