@@ -114,10 +114,11 @@ def speculative_batch(
 def decode_loop_batch(schedule: Schedule, step_batch: StepBatch, num_steps: int, page_size: int) -> DecodeLoopBatch:
     """Wraps a built batch of decodes for `decode_loop`: iteration s samples each row's next output
     index + s with the key a single step would use for it."""
+    rows = len(schedule.rows)
+    seeds = np.tile(np.asarray([row.request.seed for row in schedule.rows], np.uint64), num_steps)
+    indices = np.add.outer(np.arange(num_steps), [len(row.request.output_ids) for row in schedule.rows]).ravel()
     keys = np.zeros((num_steps, *step_batch.sampling.keys.shape), np.uint32)
-    seeds = [row.request.seed for row in schedule.rows]
-    for s in range(num_steps):
-        keys[s, : len(seeds)] = step_keys(seeds, [len(row.request.output_ids) + s for row in schedule.rows])
+    keys[:, :rows] = step_keys(seeds, indices).reshape(num_steps, rows, 2)
     return DecodeLoopBatch(step=step_batch, keys=keys, page_size=page_size)
 
 

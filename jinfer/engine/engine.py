@@ -236,13 +236,8 @@ class Engine:
         now = time.perf_counter()
         events = []
         for i, row in enumerate(schedule.rows):
-            request = row.request
-            for s in range(steps):
-                request.num_computed = row.start + s + 1
-                event = self._append(request, int(sampled.tokens[s, i]), float(sampled.logprob[s, i]), sampled.top_ids[s, i], sampled.top_logprobs[s, i], now)
-                events.append(event)
-                if event.finished:
-                    break
+            row.request.num_computed = row.start + steps  # the fed tokens; a request that stops early is done with them
+            events += self._append_run(row.request, sampled.tokens[:, i], sampled.logprob[:, i], sampled.top_ids[:, i], sampled.top_logprobs[:, i], now)
         return events
 
     def run_batch(self, batch: StepBatch | SpeculativeBatch | DecodeLoopBatch) -> StepOutput | SpeculativeOutput | SampleResult:
@@ -250,9 +245,7 @@ class Engine:
         process calls this with the same (plain) batch (see `engine.multihost`)."""
         device_batch = jax.tree.map(jnp.asarray, batch)
         if isinstance(batch, SpeculativeBatch):
-            step_batch = batch.step
-            shape = (step_batch.tokens.shape[0], *step_batch.page_table.shape, step_batch.history.shape[1], batch.draft_tokens.shape[1])
-            self._speculative_shapes.add(shape)
+            self._speculative_shapes.add((*_bucket_shape(batch.step), batch.draft_tokens.shape[1]))
             if self.draft_model is None:
                 params = self.model.params if self.draft_heads is None else (self.model.params, self.draft_heads.params)
                 self.kv_cache, self.last_output = self._step(params, self.kv_cache, device_batch)
@@ -261,11 +254,9 @@ class Engine:
                 (self.kv_cache, self.draft_cache), self.last_output = self._step(params, (self.kv_cache, self.draft_cache), device_batch)
             return self.last_output
         if isinstance(batch, DecodeLoopBatch):
-            step_batch = batch.step
-            self._loop_shapes.add((step_batch.tokens.shape[0], *step_batch.page_table.shape, step_batch.history.shape[1], batch.keys.shape[0]))
-            self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)
-            return self.last_output
-        self._bucket_shapes.add((batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1]))
+            self._loop_shapes.add((*_bucket_shape(batch.step), batch.keys.shape[0]))
+        else:
+            self._bucket_shapes.add(_bucket_shape(batch))
         self.kv_cache, self.last_output = self._step(self.model.params, self.kv_cache, device_batch)
         return self.last_output
 
@@ -302,13 +293,20 @@ class Engine:
                 continue
             if row.num_drafts:
                 self.speculator.record(request, row.num_drafts, accepted)
-            for j in range(accepted + 1):
-                event = self._append(request, int(output.tokens[i, j]), float(output.logprob[i, j]), output.top_ids[i, j], output.top_logprobs[i, j], now)
-                events.append(event)
-                if event.finished:
-                    break
+            run = slice(0, accepted + 1)
+            events += self._append_run(request, output.tokens[i, run], output.logprob[i, run], output.top_ids[i, run], output.top_logprobs[i, run], now)
             if self.draft_heads is not None and not request.finished:
                 self.speculator.store_drafts(request, output.next_drafts[i].tolist())
+        return events
+
+    def _append_run(self, request: Request, tokens, logprobs, top_ids, top_logprobs, now: float) -> list[TokenEvent]:
+        """Appends a run of generated tokens ([n], with logprobs [n] and alternatives [n, k]) until one
+        finishes the request; the rest are dropped."""
+        events = []
+        for j, token in enumerate(tokens):
+            events.append(self._append(request, int(token), float(logprobs[j]), top_ids[j], top_logprobs[j], now))
+            if events[-1].finished:
+                break
         return events
 
     def _append(self, request: Request, token: int, logprob: float, top_ids, top_logprobs, now: float) -> TokenEvent:
@@ -357,3 +355,8 @@ class Engine:
         delta = request.text[request.emitted_chars : end]
         request.emitted_chars = end
         return delta
+
+
+def _bucket_shape(batch: StepBatch) -> tuple[int, ...]:
+    """(tokens, rows, pages per row, history width) of a built batch."""
+    return (batch.tokens.shape[0], *batch.page_table.shape, batch.history.shape[1])
