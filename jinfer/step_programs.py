@@ -3,25 +3,37 @@
 Tracing the step means running the Flax model in Python over every unrolled layer: seconds for a
 30-layer model, for every bucket shape, on every start. JAX's persistent compilation cache only
 saves the XLA compile that follows. `StepPrograms` exports each traced step with `jax.export`
-(StableHLO, serialized) into a directory; later processes deserialize it in milliseconds, and the
-XLA compile of it is a hit in the compilation cache.
+(StableHLO, serialized) into a directory, and beside it the program compiled by XLA for this
+machine (`jax.experimental.serialize_executable`). A later process loads the executable and runs it:
+it neither traces, lowers nor compiles (lowering the 30-layer program and hashing it for JAX's
+compilation cache alone took ~0.5 s of a warm start). When only the machine differs (another CPU,
+jaxlib or XLA_FLAGS), the exported program is compiled again without tracing.
 
 A program's file name hashes everything the program depends on: jinfer's and its kernels' source
-code, whether jinfer's CPU kernels are registered, the JAX version, the model config and dtype, and the shapes and dtypes of every input. Arrays
-on a multi-device mesh bypass the directory (exported programs are kept for single-device runs).
+code, whether jinfer's CPU kernels are registered, the JAX version, the model config and dtype, and
+the shapes and dtypes of every input; an executable's adds what the machine code depends on
+(`_machine_key`). Arrays on a multi-device mesh bypass the directory (programs are kept for
+single-device runs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import pathlib
+import pickle
+import platform
 
 import jax
+import jaxlib
 import numpy as np
 from absl import logging
 from jax import export
+from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
 
 from jinfer import native
 from jinfer.config import ModelConfig
@@ -71,8 +83,44 @@ class JitStep:
 
 
 def _temp_bytes(lowered: jax.stages.Lowered) -> int | None:
-    analysis = lowered.compile().memory_analysis()
+    return _compiled_temp_bytes(lowered.compile())
+
+
+def _compiled_temp_bytes(compiled: jax.stages.Compiled) -> int | None:
+    analysis = compiled.memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+@contextlib.contextmanager
+def _persistent_cache_off():
+    """Compiles for real: an executable read back from JAX's persistent compilation cache serializes
+    without some of its kernels (jaxlib 0.10 on CPU; running the reloaded copy fails with "Function
+    ... not found"). The cache decides once per process whether it is on, hence the resets."""
+    enabled = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
+@functools.cache
+def _machine_key() -> str:
+    """What a compiled executable depends on beyond its program: jaxlib and the XLA backend's
+    version, XLA_FLAGS, and the CPU (XLA:CPU emits code for the host's instruction set)."""
+    backend = jax.devices()[0].client
+    parts = [jaxlib.__version__, backend.platform, backend.platform_version, os.environ.get("XLA_FLAGS", ""), platform.machine(), _cpu_flags()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
 
 
 class StepPrograms:
@@ -105,7 +153,7 @@ class StepPrograms:
         path = self.directory / f"step-{self._key(leaves, trees)}.temp_bytes.json"
         if path.is_file():
             return json.loads(path.read_text())
-        value = _temp_bytes(self._call_for(leaves, trees).lower(*leaves))
+        value = _compiled_temp_bytes(self._call_for(leaves, trees))
         _write_atomically(path, json.dumps(value).encode())
         return value
 
@@ -114,12 +162,26 @@ class StepPrograms:
         flat = [jax.tree.flatten(tree) for tree in (params, kv_cache, batch)]
         return [leaves for leaves, _ in flat], [tree for _, tree in flat]
 
-    def _call_for(self, leaves, trees) -> jax.stages.Wrapped:
-        """The jitted program for these inputs; the file key is hashed only the first time a shape is seen."""
+    def _call_for(self, leaves, trees) -> jax.stages.Compiled:
+        """The compiled program for these inputs; the file key is hashed only the first time a shape is seen."""
         shapes = (tuple(trees), tuple((leaf.shape, leaf.dtype) for group in leaves for leaf in group))
         if shapes not in self._calls:
-            self._calls[shapes] = jax.jit(self._program(self._key(leaves, trees), leaves, trees).call, donate_argnums=(1,))
+            self._calls[shapes] = self._compiled(self._key(leaves, trees), leaves, trees)
         return self._calls[shapes]
+
+    def _compiled(self, key: str, leaves, trees) -> jax.stages.Compiled:
+        """The executable saved for this machine, else the program compiled (and its executable saved)."""
+        path = self.directory / f"step-{key}-{_machine_key()}.executable"
+        if path.is_file():
+            try:
+                return serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError) as error:
+                logging.warning("ignoring the unloadable executable %s: %s", path, error)
+        program = self._program(key, leaves, trees)
+        with _persistent_cache_off():
+            compiled = jax.jit(program.call, donate_argnums=(1,)).lower(*leaves).compile()
+        _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
+        return compiled
 
     def _key(self, leaves, trees) -> str:
         code = source_digest("jinfer", "pallas_kernels")
