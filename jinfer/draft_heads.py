@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import safetensors
 import safetensors.numpy
 
@@ -150,6 +149,8 @@ def training_examples(params, config: ModelConfig, dtype, sequences: Sequence[Se
 
 def head_loss(params, target_params, hidden, targets, config: ModelConfig, dtype):
     """Mean cross-entropy of every head against its target token. hidden: [N, D]; targets: [N, H] int32 (-1: none)."""
+    import optax  # training only: serving never imports it
+
     logits = head_logits(params, target_params, hidden, config, dtype)  # [N, H, V]
     valid = targets >= 0
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
@@ -196,6 +197,8 @@ def train_heads(
     """`steps` adamw steps (cosine-decayed learning rate) on random batches of `batch_size` positions.
     hidden: [N, D]; targets: [N, H] int32 (-1: none); the target's parameters stay fixed.
     `on_step(step, loss)` reports progress."""
+    import optax  # training only: serving never imports it
+
     optimizer = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps))
     params = jax.tree.map(lambda weights: jnp.asarray(weights, jnp.float32), heads.params)
     state = optimizer.init(params)

@@ -123,10 +123,11 @@ def param_shardings(annotated, mesh: Mesh | None):
     return sharding.logical_shardings(annotated, mesh)
 
 
-def _placer(shardings):
-    """place(path, host_array) -> the array on device(s), by its parameter path."""
+def _placer(shardings, may_alias: bool | None = None):
+    """place(path, host_array) -> the array on device(s), by its parameter path (`may_alias` as in
+    jax.device_put: False for host arrays that are views of a mapped file)."""
     by_path = {tuple(k.key for k in p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-    return lambda path, array: jax.device_put(array, by_path[path])
+    return lambda path, array: jax.device_put(array, by_path[path], may_alias=may_alias)
 
 
 def _open_source(path: pathlib.Path):
@@ -159,10 +160,10 @@ def _load_cached(entry: pathlib.Path, dtype, mesh: Mesh | None) -> Model | None:
         return None
     if mesh is None:
         device = jax.devices()[0]
-        params = model_cache.read_params(entry, None, lambda _, array: jax.device_put(array, device))
+        params = model_cache.read_params(entry, None, lambda _, array: jax.device_put(array, device, may_alias=False))
     else:
         annotated = abstract_params(config, dtype)
-        params = model_cache.read_params(entry, nn.unbox(annotated), _placer(param_shardings(annotated, mesh)))
+        params = model_cache.read_params(entry, nn.unbox(annotated), _placer(param_shardings(annotated, mesh), may_alias=False))
     if params is None:
         return None
     return Model(config, params, model_cache.read_tokenizer(entry), dtype, mesh)

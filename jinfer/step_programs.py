@@ -61,6 +61,16 @@ def _signature(leaves) -> str:
     return ";".join(f"{np.dtype(leaf.dtype).name}{tuple(leaf.shape)}" for leaf in leaves)
 
 
+def _device(leaves) -> jax.Device:
+    """The one device of single-device (or abstract: the default device) inputs."""
+    for group in leaves:
+        for leaf in group:
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is not None:
+                return next(iter(sharding.device_set))
+    return jax.devices()[0]
+
+
 def _single_device(leaves) -> bool:
     shardings = [getattr(leaf, "sharding", None) for leaf in leaves]
     return all(sharding is None or len(sharding.device_set) == 1 for sharding in shardings)
@@ -174,7 +184,8 @@ class StepPrograms:
         path = self.directory / f"step-{key}-{_machine_key()}.executable"
         if path.is_file():
             try:
-                return serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                return serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=[_device(leaves)])
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError) as error:
                 logging.warning("ignoring the unloadable executable %s: %s", path, error)
         program = self._program(key, leaves, trees)

@@ -1,5 +1,6 @@
-"""Serialized step programs: a second engine on the same directory never traces the model, and its
-tokens equal those of an engine that jits the step in-process (single steps and fused decode loops)."""
+"""Serialized step programs: a second engine on the same directory neither traces the model nor
+compiles (it loads the saved executables), and its tokens equal those of an engine that jits the step
+in-process (single steps and fused decode loops)."""
 
 import dataclasses
 
@@ -47,7 +48,12 @@ def test_a_warm_engine_runs_the_saved_programs_without_tracing(llama, tmp_path, 
     def no_tracing(*args, **kwargs):
         raise AssertionError("the model was traced although its step programs are saved")
 
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("an exported program was compiled although its executable is saved")
+
+    assert len(list(tmp_path.glob("step-*.executable"))) == len(saved)
     monkeypatch.setattr(Transformer, "__call__", no_tracing)
+    monkeypatch.setattr(StepPrograms, "_program", no_compiling)
     warm = Engine(llama, config)
     assert warm.plan.step_temp_bytes == cold.plan.step_temp_bytes > 0
     donated = jax.tree.leaves(warm.kv_cache)
@@ -63,3 +69,15 @@ def test_each_model_config_gets_its_own_program(llama, tmp_path):
         programs = StepPrograms(tmp_path, config, llama.dtype)
         programs.temp_bytes(llama.params, abstract_cache(config, 8, CONFIG.page_size, llama.dtype), batch)
     assert len(list(tmp_path.glob("step-*.jaxexport"))) == 2
+
+
+def test_an_unloadable_executable_is_compiled_again(llama, tmp_path):
+    batch = padding_batch(CONFIG, 1, 1, 4)
+    cache = abstract_cache(llama.config, 8, CONFIG.page_size, llama.dtype)
+    expected = StepPrograms(tmp_path, llama.config, llama.dtype).temp_bytes(llama.params, cache, batch)
+    (executable,) = tmp_path.glob("step-*.executable")
+    executable.write_bytes(b"not an executable")
+    for json_file in tmp_path.glob("step-*.temp_bytes.json"):
+        json_file.unlink()
+    assert StepPrograms(tmp_path, llama.config, llama.dtype).temp_bytes(llama.params, cache, batch) == expected
+    assert executable.read_bytes() != b"not an executable"

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
+import struct
 import tempfile
 from typing import Callable
 
@@ -62,31 +64,50 @@ def read_params(entry: pathlib.Path, abstract_params, place: Callable):
 
     abstract_params: the expected tree of ShapeDtypeStructs, or None to take the entry as it is (its
     key already pins the model code, source file and dtype, and tracing the model's init to get the
-    tree costs a warm start seconds); place(path, host_array) puts each array on its device(s).
+    tree costs a warm start seconds); place(path, host_array) puts each array on its device(s) and
+    must copy it (the host arrays are views of the mapped file).
     """
-    params = {}
     try:
-        with safetensors.safe_open(str(entry / PARAMS_FILE), framework="numpy") as stored:
-            if abstract_params is not None and not _fits(stored, traverse_util.flatten_dict(abstract_params, sep=SEPARATOR)):
-                logging.warning("model cache entry %s does not match the model's parameters; ignoring it", entry)
-                return None
-            for name in stored.keys():
-                params[name] = place(tuple(name.split(SEPARATOR)), stored.get_tensor(name))
-    except (safetensors.SafetensorError, OSError) as error:
+        stored = _mapped_tensors(entry / PARAMS_FILE)
+    except (ValueError, KeyError, OSError, struct.error) as error:
         logging.warning("model cache entry %s is unreadable (%s); ignoring it", entry, error)
         return None
+    if abstract_params is not None and not _fits(stored, traverse_util.flatten_dict(abstract_params, sep=SEPARATOR)):
+        logging.warning("model cache entry %s does not match the model's parameters; ignoring it", entry)
+        return None
+    params = {name: place(tuple(name.split(SEPARATOR)), array) for name, array in stored.items()}
     return traverse_util.unflatten_dict(params, sep=SEPARATOR)
 
 
-def _fits(stored, expected: dict) -> bool:
+def _mapped_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """name -> read-only view of the tensor in the memory-mapped safetensors file.
+
+    The file is mapped rather than read with `safetensors.safe_open`, whose numpy tensors are copied
+    through Python bytes: ~0.45 s for SmolLM2's 538 MB against ~0.25 s for mapping and placing them
+    (a warm start's model load). The format: an 8-byte little-endian header length, a JSON header of
+    name -> {dtype, shape, data_offsets}, then the data, offsets counted from the header's end.
+    """
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    (header_length,) = struct.unpack("<Q", data[:8].tobytes())
+    header = json.loads(data[8 : 8 + header_length].tobytes())
+    start = 8 + header_length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        if start + end > data.size or (end - begin) != dtype.itemsize * math.prod(info["shape"]):
+            raise ValueError(f"tensor {name} of shape {info['shape']} lies outside the file's {data.size} bytes")
+        tensors[name] = data[start + begin : start + end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def _fits(stored: dict[str, np.ndarray], expected: dict) -> bool:
     """Whether the stored tensors have exactly the expected names, shapes and dtypes."""
-    if set(stored.keys()) != set(expected):
+    if set(stored) != set(expected):
         return False
-    for name, spec in expected.items():
-        stored_slice = stored.get_slice(name)
-        if tuple(stored_slice.get_shape()) != spec.shape or _SAFETENSORS_DTYPES.get(stored_slice.get_dtype()) != np.dtype(spec.dtype):
-            return False
-    return True
+    return all(stored[name].shape == spec.shape and stored[name].dtype == np.dtype(spec.dtype) for name, spec in expected.items())
 
 
 def read_tokenizer(entry: pathlib.Path) -> Tokenizer | None:
