@@ -103,18 +103,25 @@ def run_benchmark(options: BenchmarkOptions) -> dict:
 
 
 def _warm_start(model_path: str, dtype: str) -> dict:
-    """Wall time of a fresh `jinfer generate` process to its first token, after a run that fills the caches
-    (decoded model, step programs, XLA executables); the process starts, loads, plans, prefills and exits."""
+    """Wall time of a fresh `jinfer generate` process to its first token (the first byte it prints), after
+    a run that fills the caches (decoded model, step executables); the process starts, imports, loads,
+    plans and prefills. `exit_s`: to the end of the process, interpreter shutdown included."""
     command = [
         sys.executable, "-c", "from jinfer.cli import run; run()", "generate",
         f"--model={model_path}", f"--dtype={dtype}", "--prompt=Hello", "--max_tokens=1", "--temperature=0",
     ]
-    runs = []
-    for _ in range(3):
+    first_token, exit_ = [], []
+    for _ in range(4):
         start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        runs.append(time.perf_counter() - start)
-    return {"cold_s": runs[0], "warm_s": statistics.median(runs[1:]), "runs_s": runs}
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as process:
+            if not process.stdout.read(1):
+                raise RuntimeError(f"{' '.join(command)} printed nothing (exit status {process.wait()})")
+            first_token.append(time.perf_counter() - start)
+            process.stdout.read()
+        exit_.append(time.perf_counter() - start)
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command)
+    return {"cold_s": first_token[0], "warm_s": statistics.median(first_token[1:]), "runs_s": first_token, "exit_s": statistics.median(exit_[1:])}
 
 
 # Workload ------------------------------------------------------------------------------------------------
@@ -452,6 +459,7 @@ def format_table(results: dict) -> str:
     rows.append(("compile, all shapes (s)", f"{results['compile_s']:.1f}", "-", "-"))
     if "warm_start" in results:
         rows.append(("warm start to first token (s)", f"{results['warm_start']['warm_s']:.2f}", "-", "-"))
+        rows.append(("warm start to process exit (s)", f"{results['warm_start']['exit_s']:.2f}", "-", "-"))
     header = ("measurement", "jinfer", "transformers", "ratio")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in [header, *rows]]

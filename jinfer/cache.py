@@ -171,7 +171,12 @@ def allocate_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, f
     specs = abstract_cache(config, num_pages, page_size, dtype, sharding)
     # Committed to its device like the pool each step returns, so the first step compiles what all others run.
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda spec: jnp.full(spec.shape, _filler(fill, spec.dtype), spec.dtype, device=spec.sharding or default), specs)
+    shardings = jax.tree.map(lambda spec: spec.sharding or default, specs)
+
+    def pool():  # one program for every layer's arrays: a warm start dispatches one op, not 60
+        return jax.tree.map(lambda spec: jnp.full(spec.shape, _filler(fill, spec.dtype), spec.dtype), specs)
+
+    return jax.jit(pool, out_shardings=shardings)()
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jinfer.ops import backend as kernel_backend
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
 from pallas_kernels.ragged_paged_attention.reference import quantize_int8
 
 MASKED = -1e30
@@ -192,6 +191,8 @@ def paged_attention_kernel(q, k, v, cache, slots, kv_lens, page_table, query_sta
     page_table: [R, P] int32; query_start: [R + 1] int32 -> ([T, H, D], cache).
     Tokens past query_start[R] (padding) give 0.
     """
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages  # Pallas: imported when used
+
     if "k_scale" in cache:  # int8 pages: the write kernel quantizes per token and head
         k_pages, v_pages, k_scales, v_scales = write_kv_pages(
             cache["k"], cache["v"], k, v, slots, k_scales=cache["k_scale"], v_scales=cache["v_scale"], interpret=interpret

@@ -5,7 +5,8 @@ after those of groups 0..e-1); rows after the last group are 0. With `transpose_
 given as [E, N, K] (each group's matrix stored [out, in], HF's layout) and `out[r] = lhs[r] @
 rhs[e].T`, read in place: no transposed copy of the weights is made. Input validation lives here;
 the block structure lives in `tpu.py` (Mosaic, scalar-prefetched work list) and `gpu.py`
-(Triton, work list read by each program), both driven by `segments.py`.
+(Triton, work list read by each program), both driven by `segments.py`, and imported on first
+use (Pallas's TPU and Triton modules slow a CPU start).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import pick_implementation
-from pallas_kernels.grouped_matmul import gpu, tpu
 
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -90,5 +90,8 @@ def grouped_matmul(
     `interpret` runs the kernel in Pallas's interpreter.
     """
     validate(lhs, rhs, group_sizes, rhs_scales, transpose_rhs)
-    variant = gpu if pick_implementation(implementation, interpret) == "gpu" else tpu
+    if pick_implementation(implementation, interpret) == "gpu":
+        from pallas_kernels.grouped_matmul import gpu as variant
+    else:
+        from pallas_kernels.grouped_matmul import tpu as variant
     return variant.grouped_matmul(lhs, rhs, group_sizes, rhs_scales, transpose_rhs=transpose_rhs, interpret=interpret)
