@@ -16,7 +16,7 @@ from jinfer.engine.batch import padding_batch
 from jinfer.engine.engine import Engine
 from jinfer.models.transformer import Transformer
 from jinfer.sampling import SamplingParams
-from jinfer.step_programs import StepPrograms
+from jinfer.step_programs import FIRST_PROGRAM_FILE, StepPrograms
 
 CONFIG = EngineConfig(max_num_seqs=2, max_model_len=32, max_num_batched_tokens=8, page_size=8, kv_cache_memory="512KiB", fused_decode_steps=2)
 PARAMS = [SamplingParams(temperature=0.0, max_tokens=5), SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=5)]
@@ -55,9 +55,12 @@ def test_a_warm_engine_runs_the_saved_programs_without_tracing(llama, tmp_path, 
     monkeypatch.setattr(Transformer, "__call__", no_tracing)
     monkeypatch.setattr(StepPrograms, "_program", no_compiling)
     warm = Engine(llama, config)
+    first = (tmp_path / FIRST_PROGRAM_FILE).read_text()
+    assert warm._step._prefetch.path == tmp_path / first  # the program the cold engine ran first, loading already
     assert warm.plan.step_temp_bytes == cold.plan.step_temp_bytes > 0
     donated = jax.tree.leaves(warm.kv_cache)
     assert generate(warm) == expected
+    assert warm._step._prefetch is None  # taken by the first step
     assert all(leaf.is_deleted() for leaf in donated)
     assert sorted(tmp_path.glob("step-*.jaxexport")) == saved
     assert len(list(tmp_path.glob("step-*.temp_bytes.json"))) == 1
