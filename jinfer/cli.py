@@ -96,8 +96,12 @@ def _sampling_params():
 
 def _llm():
     from jinfer.api import LLM
+    from jinfer.step_programs import prefetch_first
 
-    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, quantize_lm_head=FLAGS.quantize_lm_head, speculative=_speculative(), **_engine_options())
+    options = _engine_options()
+    if options["program_cache"] and not FLAGS.mesh and not _joins_distributed():
+        prefetch_first(options["program_cache"])  # overlaps loading the first step's executable with loading the model
+    return LLM(_model_path(), dtype=FLAGS.dtype, mesh=_mesh(), quantize=FLAGS.quantize, group_size=FLAGS.group_size, quantize_lm_head=FLAGS.quantize_lm_head, speculative=_speculative(), **options)
 
 
 def _speculative():

@@ -19,6 +19,7 @@ Loading an executable takes ~0.7 s for SmolLM2 (XLA rebuilds the program's ~1,00
 it outside the GIL. The directory remembers which executable the last process ran first
 (`FIRST_PROGRAM_FILE`), and a new `StepPrograms` starts loading that one in a background thread,
 so that a repeated command overlaps the load with building its engine and tokenizing its prompt.
+The CLI starts it earlier still (`prefetch_first`), before loading the model.
 """
 
 from __future__ import annotations
@@ -169,6 +170,29 @@ class _Prefetch:
         return self._result
 
 
+def _start_prefetch(directory: pathlib.Path) -> _Prefetch | None:
+    """Starts loading the executable the last process on `directory` ran first, if there is one."""
+    try:
+        path = directory / (directory / FIRST_PROGRAM_FILE).read_text().strip()
+    except OSError:
+        return None
+    if not path.is_file():
+        return None
+    kernel_backend.resolve("auto")  # registers jinfer's CPU kernels, which the executable calls
+    return _Prefetch(path, jax.devices()[0])
+
+
+_prefetches: dict[pathlib.Path, _Prefetch] = {}  # started by prefetch_first, taken by the StepPrograms on that directory
+
+
+def prefetch_first(directory: str | pathlib.Path) -> None:
+    """Starts loading, for the StepPrograms that will be built on `directory`, the executable the last
+    process on it ran first: the CLI calls this before loading the model, so that the two overlap."""
+    directory = pathlib.Path(directory).expanduser()
+    if directory not in _prefetches and (prefetch := _start_prefetch(directory)) is not None:
+        _prefetches[directory] = prefetch
+
+
 class StepPrograms:
     """Calls the step like `step(params, kv_cache, batch)`, from serialized programs in `directory`.
 
@@ -182,7 +206,7 @@ class StepPrograms:
         self._calls: dict[tuple, jax.stages.Compiled] = {}  # by (tree structures, leaf shapes and dtypes)
         self._jit_step = JitStep(config, dtype)
         self._first_recorded = False
-        self._prefetch = self._prefetch_first()
+        self._prefetch = _prefetches.pop(self.directory, None) or _start_prefetch(self.directory)
 
     def __call__(self, params, kv_cache, batch):
         """params, kv_cache: pytrees of arrays; batch: a StepBatch or SpeculativeBatch -> (kv_cache, its output)."""
@@ -222,14 +246,6 @@ class StepPrograms:
 
     def _executable_path(self, key: str) -> pathlib.Path:
         return self.directory / f"step-{key}-{_machine_key()}.executable"
-
-    def _prefetch_first(self) -> _Prefetch | None:
-        """Starts loading the executable the last process on this directory ran first, if any."""
-        try:
-            path = self.directory / (self.directory / FIRST_PROGRAM_FILE).read_text().strip()
-        except OSError:
-            return None
-        return _Prefetch(path, jax.devices()[0]) if path.is_file() else None
 
     def _record_first(self, path: pathlib.Path) -> None:
         hint = self.directory / FIRST_PROGRAM_FILE
