@@ -173,7 +173,7 @@ class _Prefetch:
     def __init__(self, path: pathlib.Path, device: jax.Device):
         self.path = path
         self._result = None
-        self._thread = threading.Thread(target=self._load, args=(device,), daemon=True)
+        self._thread = threading.Thread(target=self._load, args=(device,))  # not a daemon: never cut off inside XLA at exit
         self._thread.start()
 
     def _load(self, device: jax.Device) -> None:
