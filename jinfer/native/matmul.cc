@@ -259,10 +259,14 @@ void matmul(ffi::ThreadPool& pool, const Weights& weights, const Problem& p) {
 }
 
 std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t groups) {
-  std::vector<float> sums(m * groups, 0.0f);
-  int64_t group = k / groups;
+  std::vector<float> sums(m * groups);
+  int64_t group = k / groups;  // a multiple of kLanes
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t col = 0; col < k; ++col) sums[i * groups + col / group] += x[i * k + col];
+    for (int64_t g = 0; g < groups; ++g) {
+      f32x16 acc = {};
+      for (int64_t col = g * group; col < (g + 1) * group; col += kLanes) acc += load_f32(x + i * k + col);
+      sums[i * groups + g] = sum_lanes(acc);
+    }
   return sums;
 }
 
