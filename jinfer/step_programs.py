@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import threading
 import json
 import os
 import pathlib
 import pickle
 import platform
+import threading
+from typing import NamedTuple
 
 import jax
 import jaxlib
@@ -96,14 +97,10 @@ class JitStep:
 
     def temp_bytes(self, params, kv_cache, batch) -> int | None:
         """XLA's temporaries of the compiled step for these (possibly abstract) inputs; None if unreported."""
-        return _temp_bytes(step.lower(params, kv_cache, batch, config=self.config, dtype=self.dtype))
+        return _temp_bytes(step.lower(params, kv_cache, batch, config=self.config, dtype=self.dtype).compile())
 
 
-def _temp_bytes(lowered: jax.stages.Lowered) -> int | None:
-    return _compiled_temp_bytes(lowered.compile())
-
-
-def _compiled_temp_bytes(compiled: jax.stages.Compiled) -> int | None:
+def _temp_bytes(compiled: jax.stages.Compiled) -> int | None:
     analysis = compiled.memory_analysis()
     return None if analysis is None else int(analysis.temp_size_in_bytes)
 
@@ -167,6 +164,11 @@ def _cpu_flags() -> str:
 FIRST_PROGRAM_FILE = "first-program.txt"  # the name of the executable the last process ran first
 
 
+class _Program(NamedTuple):
+    path: pathlib.Path  # where its executable is saved
+    compiled: jax.stages.Compiled
+
+
 class _Prefetch:
     """An executable being loaded in a background thread: `take()` waits for it (None if it failed)."""
 
@@ -217,7 +219,7 @@ class StepPrograms:
         self.directory = pathlib.Path(directory).expanduser()
         self.config = config
         self.dtype = dtype
-        self._calls: dict[tuple, jax.stages.Compiled] = {}  # by (tree structures, leaf shapes and dtypes)
+        self._programs: dict[tuple, _Program] = {}  # by (tree structures, leaf shapes and dtypes)
         self._jit_step = JitStep(config, dtype)
         self._first_recorded = False
         self._prefetch = _prefetches.pop(self.directory, None) or _start_prefetch(self.directory)
@@ -227,10 +229,11 @@ class StepPrograms:
         leaves, trees = self._flatten(params, kv_cache, batch)
         if not _single_device(leaves[0] + leaves[1]):
             return self._jit_step(params, kv_cache, batch)
-        cache_leaves, output_leaves = self._call_for(leaves, trees, batch)(*leaves)
+        program = self._program_for(leaves, trees, batch)
+        cache_leaves, output_leaves = program.compiled(*leaves)
         if not self._first_recorded:
             self._first_recorded = True
-            self._record_first(self._executable_path(self._key(leaves, trees)))
+            self._record_first(program.path)
         output_tree = _OUTPUT_TREES[type(batch)]
         return jax.tree.unflatten(trees[1], cache_leaves), jax.tree.unflatten(output_tree, output_leaves)
 
@@ -242,7 +245,7 @@ class StepPrograms:
         path = self.directory / f"step-{self._key(leaves, trees)}.temp_bytes.json"
         if path.is_file():
             return json.loads(path.read_text())
-        value = _compiled_temp_bytes(self._call_for(leaves, trees, batch))
+        value = _temp_bytes(self._program_for(leaves, trees, batch).compiled)
         _write_atomically(path, json.dumps(value).encode())
         return value
 
@@ -251,30 +254,29 @@ class StepPrograms:
         flat = [jax.tree.flatten(tree) for tree in (params, kv_cache, batch)]
         return [leaves for leaves, _ in flat], [tree for _, tree in flat]
 
-    def _call_for(self, leaves, trees, batch) -> jax.stages.Compiled:
+    def _program_for(self, leaves, trees, batch) -> _Program:
         """The compiled program for these inputs; the file key is hashed only the first time a shape is seen."""
         shapes = (tuple(trees), tuple((leaf.shape, leaf.dtype) for group in leaves for leaf in group))
-        if shapes not in self._calls:
-            self._calls[shapes] = self._compiled(self._key(leaves, trees), leaves, trees, _compiler_options(batch))
-        return self._calls[shapes]
-
-    def _executable_path(self, key: str) -> pathlib.Path:
-        return self.directory / f"step-{key}-{_machine_key()}.executable"
+        if shapes not in self._programs:
+            key = self._key(leaves, trees)
+            path = self.directory / f"step-{key}-{_machine_key()}.executable"
+            self._programs[shapes] = _Program(path, self._compiled(key, path, leaves, trees, _compiler_options(batch)))
+        return self._programs[shapes]
 
     def _record_first(self, path: pathlib.Path) -> None:
         hint = self.directory / FIRST_PROGRAM_FILE
         if not hint.is_file() or hint.read_text().strip() != path.name:
             _write_atomically(hint, path.name.encode())
 
-    def _compiled(self, key: str, leaves, trees, options: dict[str, str]) -> jax.stages.Compiled:
-        """The executable saved for this machine (prefetched, or loaded now), else the program compiled
-        (and its executable saved)."""
-        path = self._executable_path(key)
-        if self._prefetch is not None and self._prefetch.path == path and _device(leaves) == jax.devices()[0]:
+    def _compiled(self, key: str, path: pathlib.Path, leaves, trees, options: dict[str, str]) -> jax.stages.Compiled:
+        """The executable saved at `path` (prefetched, or loaded now), else the program compiled (and
+        its executable saved there)."""
+        device = _device(leaves)
+        if self._prefetch is not None and self._prefetch.path == path and device == jax.devices()[0]:
             compiled, self._prefetch = self._prefetch.take(), None
             if compiled is not None:
                 return compiled
-        if path.is_file() and (compiled := _load_executable(path, _device(leaves))) is not None:
+        if path.is_file() and (compiled := _load_executable(path, device)) is not None:
             return compiled
         program = self._program(key, leaves, trees)
         with _persistent_cache_off():
