@@ -108,11 +108,11 @@ def _temp_bytes(compiled: jax.stages.Compiled) -> int | None:
 def _compiler_options(batch) -> dict[str, str]:
     """XLA options for the program of `batch`. On CPU, a step of at most native.MAX_ROWS tokens, whose
     linear layers all run jinfer's kernels, is compiled without YNNPACK: it was left only attention's
-    products and the reductions there, ran them no faster (A/B of the two compiled steps in one
-    process, SmolLM2, ms a step with / without: 1 row 43.6 / 43.4, 32 rows 188.9 / 183.4; at 512-token
-    contexts 53.5 / 50.8 and 542.8 / 500.5), and set up each of its ~190 fusions on the program's first
-    run: ~0.3 s of a warm start. Past 32 tokens XLA runs the linear layers, and YNNPACK stays (64 rows:
-    1042 / 1180 ms)."""
+    products and the reductions there, ran them about as fast (`python tools/bench_ynnpack.py`,
+    SmolLM2, ms a step with / without: 32 tokens of one row 124.2 / 124.1, 1 row 42.0 / 42.0, 32 rows
+    163.2 / 169.9; at 512-token contexts 45.0 / 45.4 and 479.1 / 445.8), and set up each of its ~190
+    fusions on the program's first run: ~0.3 s of a warm start. Past 32 tokens XLA runs the linear
+    layers, and YNNPACK stays (64 rows: 889.3 / 1022.3 ms)."""
     tokens = (batch if isinstance(batch, StepBatch) else batch.step).tokens.shape[0]
     if jax.default_backend() == "cpu" and kernel_backend.resolve("auto") == "native" and tokens <= native.MAX_ROWS:
         return {"xla_cpu_experimental_ynn_fusion_type": ""}
