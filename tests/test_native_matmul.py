@@ -134,7 +134,7 @@ def test_without_a_compiler_the_references_run(tmp_path, monkeypatch):
 def test_the_library_is_cached_by_source_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("JINFER_NATIVE_CACHE", str(tmp_path))
     path = library.build()
-    assert path.parent == tmp_path and path.name.startswith("matmul-")
+    assert path.parent == tmp_path and path.name.startswith("kernels-")
     built = path.stat().st_mtime_ns
     assert library.build() == path and path.stat().st_mtime_ns == built, "a cached library was rebuilt"
     monkeypatch.setenv("CXX", "g++")

@@ -1,4 +1,4 @@
-"""Builds jinfer's CPU kernels (matmul.cc) with the machine's C++ compiler, once per source and
+"""Builds jinfer's CPU kernels (matmul.cc, attention.cc) with the machine's C++ compiler, once per source and
 machine, and registers them with XLA as FFI targets.
 
 The shared library is cached under `JINFER_NATIVE_CACHE` (default `~/.cache/jinfer/native`), named
@@ -23,8 +23,15 @@ import jax
 import jaxlib
 from absl import logging
 
-SOURCE = pathlib.Path(__file__).with_name("matmul.cc")
-TARGETS = ("jinfer_matmul_f32", "jinfer_matmul_int8", "jinfer_matmul_int4", "jinfer_matmul_int4_symmetric")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("matmul.cc", "attention.cc"))
+HEADERS = (pathlib.Path(__file__).with_name("vectors.h"),)
+TARGETS = (
+    "jinfer_matmul_f32",
+    "jinfer_matmul_int8",
+    "jinfer_matmul_int4",
+    "jinfer_matmul_int4_symmetric",
+    "jinfer_paged_attention_f32",
+)
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -35,7 +42,7 @@ def cache_dir() -> pathlib.Path:
 
 def compile_command(output: pathlib.Path) -> list[str]:
     compiler = os.environ.get("CXX", "c++")
-    return [compiler, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(output)]
+    return [compiler, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(output)]
 
 
 def _cpu_flags() -> str:
@@ -49,9 +56,9 @@ def _cpu_flags() -> str:
 
 def library_path() -> pathlib.Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(compile_command(pathlib.Path("out"))).encode(), jaxlib.__version__.encode(), _cpu_flags().encode()):
+    for part in (*(path.read_bytes() for path in SOURCES + HEADERS), " ".join(compile_command(pathlib.Path("out"))).encode(), jaxlib.__version__.encode(), _cpu_flags().encode()):
         digest.update(part)
-    return cache_dir() / f"matmul-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
 
 
 def build() -> pathlib.Path:

@@ -1,5 +1,5 @@
 """Attention ops. The XLA reference paths here define what every kernel must match; the engine's
-paged attention runs either them or the Pallas kernels (`jinfer.ops.backend`)."""
+paged attention runs them, the Pallas kernels, or the native CPU kernel (`jinfer.ops.backend`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jinfer import native
 from jinfer.ops import backend as kernel_backend
 from pallas_kernels.ragged_paged_attention.reference import quantize_int8
 
@@ -218,7 +219,8 @@ class PagedAttention:
     page_table: [R, P] int32 page ids of each row;
     kv_lens: [R] int32 tokens of each row in the cache after this step (0 for padding rows);
     query_start: [R + 1] int32 index in T of each row's first token (a row's tokens are contiguous,
-    rows in order). `kernels` (static) picks the XLA reference or the Pallas kernels (jinfer.ops.backend).
+    rows in order). `kernels` (static) picks the XLA reference, the Pallas kernels or, on CPU with float32
+    pages, the native kernel (jinfer.ops.backend).
     """
 
     slots: jax.Array
@@ -235,6 +237,12 @@ class PagedAttention:
             return paged_attention_kernel(
                 q, k, v, cache, self.slots, self.kv_lens, self.page_table, self.query_start, layer, interpret=mode == "interpret"
             )
+        if mode == "native" and native.supports_paged_attention(q, cache["k"]):
+            k_pages, v_pages = write_kv(cache["k"], k, self.slots), write_kv(cache["v"], v, self.slots)
+            out = native.paged_attention(
+                q, k_pages, v_pages, positions, self.query_start, self.kv_lens, self.page_table, layer.scale, layer.window, layer.softcap
+            )
+            return out, {"k": k_pages, "v": v_pages}
         if "k_scale" in cache:
             k_pages, k_scales = write_kv_int8(cache["k"], cache["k_scale"], k, self.slots)
             v_pages, v_scales = write_kv_int8(cache["v"], cache["v_scale"], v, self.slots)

@@ -1,0 +1,65 @@
+// Shared by jinfer's CPU kernels: 16-lane float32 vectors (GCC vector extensions, mapped to the
+// machine's widest vectors by -march=native) and the split of a kernel's work over XLA's intra-op
+// thread pool.
+
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jinfer {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+constexpr int64_t kLanes = 16;
+
+inline f32x16 load_f32(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float sum_lanes(f32x16 v) {
+  f32x8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Units of work handed out by an atomic counter to the calling thread and to tasks on the pool.
+// The caller takes units until none is left, then waits only for units already taken, so it never
+// waits on a task that has not started; late tasks find nothing to do.
+struct Units {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> body;
+  void drain() {
+    for (int64_t unit; (unit = next.fetch_add(1)) < count;) {
+      body(unit);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Runs body(0) ... body(count - 1) on the calling thread and the pool's threads; returns when all are done.
+inline void run_units(xla::ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
+  auto units = std::make_shared<Units>();
+  units->count = count;
+  units->body = std::move(body);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->drain(); });
+  units->drain();
+  while (units->done.load(std::memory_order_acquire) < units->count) std::this_thread::yield();
+}
+
+}  // namespace jinfer
