@@ -1,7 +1,7 @@
 """jinfer's native CPU paged attention (jinfer/native/attention.cc) against the engine's XLA reference,
 `paged_attention_reference`, over ragged batches (decodes, prefill chunks, long contexts, empty rows,
-padding tokens) with every unused page slot poisoned with NaN; and the engine's attention picking it
-for float32 pools in kernel mode "native" only."""
+padding tokens), float32 and int8 pages, with every unused page slot poisoned with NaN; and the
+engine's attention picking it in kernel mode "native" only."""
 
 from __future__ import annotations
 
@@ -38,14 +38,17 @@ def token_positions(batch) -> np.ndarray:
 def attend_both_ways(batch, layer: LayerAttention):
     q, k_pages, v_pages, kv_lens, page_table, query_start = batch.args()
     positions = jnp.asarray(token_positions(batch))
-    expected = REFERENCE(q, k_pages, v_pages, positions, query_start, kv_lens, page_table, layer)
+    scales = batch.scales()
+    k_scales, v_scales = scales.get("k_scales"), scales.get("v_scales")
+    expected = REFERENCE(q, k_pages, v_pages, positions, query_start, kv_lens, page_table, layer, k_scales, v_scales)
     actual = jax.jit(native.paged_attention, static_argnums=(7, 8, 9))(
-        q, k_pages, v_pages, positions, query_start, kv_lens, page_table, layer.scale, layer.window, layer.softcap
+        q, k_pages, v_pages, positions, query_start, kv_lens, page_table, layer.scale, layer.window, layer.softcap,
+        k_scales, v_scales,
     )
     return np.asarray(actual), np.asarray(expected)
 
 
-@pytest.mark.parametrize("window, softcap", [(0, None), (6, 30.0), (21, None)])
+@pytest.mark.parametrize("window, softcap, int8", [(0, None, False), (6, 30.0, False), (21, None, False), (0, None, True), (6, 30.0, True)])
 @pytest.mark.parametrize(
     "rows, num_tokens, pages_per_row",
     [(mixed_rows, 64, 4), (decode_rows, 8, 4), (long_rows, 80, 9)],
@@ -53,10 +56,11 @@ def attend_both_ways(batch, layer: LayerAttention):
 )
 @pytest.mark.parametrize("page_size", (8, 16))
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (9, 3, 64), (4, 1, 32)])
-def test_native_attention_matches_the_reference(window, softcap, rows, num_tokens, pages_per_row, page_size, heads, kv_heads, head_dim):
+def test_native_attention_matches_the_reference(window, softcap, int8, rows, num_tokens, pages_per_row, page_size, heads, kv_heads, head_dim):
+    """int8 pages: NaN scales on every unused slot."""
     batch = make_batch(
         rows(page_size, pages_per_row), num_tokens=num_tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-        page_size=page_size, pages_per_row=pages_per_row, dtype=np.float32,
+        page_size=page_size, pages_per_row=pages_per_row, dtype=np.float32, int8=int8,
     )
     actual, expected = attend_both_ways(batch, LayerAttention(scale=head_dim**-0.5, window=window, softcap=softcap))
     real = int(batch.query_start[-1])
@@ -81,8 +85,11 @@ def _lowered_text(attention: PagedAttention, q, k, v, positions, cache) -> str:
     return jax.jit(lambda *args: attention(*args, layer)).lower(q, k, v, positions, cache).as_text()
 
 
-@pytest.mark.parametrize("kernels, int8, expected", [("native", False, True), ("reference", False, False), ("native", True, False)])
-def test_the_engine_attention_runs_the_native_kernel_on_float32_pools_in_native_mode(kernels, int8, expected):
+@pytest.mark.parametrize(
+    "kernels, int8, target",
+    [("native", False, "jinfer_paged_attention_f32"), ("reference", False, None), ("native", True, "jinfer_paged_attention_int8")],
+)
+def test_the_engine_attention_runs_the_native_kernel_in_native_mode(kernels, int8, target):
     pool = (5, 8, 2, 64)
     if int8:
         cache = {"k": jnp.zeros(pool, jnp.int8), "v": jnp.zeros(pool, jnp.int8), "k_scale": jnp.ones(pool[:3]), "v_scale": jnp.ones(pool[:3])}
@@ -94,4 +101,5 @@ def test_the_engine_attention_runs_the_native_kernel_on_float32_pools_in_native_
     )
     q, kv = jnp.ones((2, 4, 64)), jnp.ones((2, 2, 64))
     text = _lowered_text(attention, q, kv, kv, jnp.array([1, 1]), cache)
-    assert ("jinfer_paged_attention_f32" in text) == expected
+    assert ("jinfer_paged_attention" in text) == (target is not None)
+    assert target is None or target in text

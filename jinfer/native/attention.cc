@@ -23,7 +23,9 @@ using namespace jinfer;
 namespace {
 
 using Queries = ffi::Buffer<ffi::F32, 3>;  // [T, H, D]
-using Pages = ffi::Buffer<ffi::F32, 4>;  // [num_pages, page_size, K, D]
+using FloatPageBuffer = ffi::Buffer<ffi::F32, 4>;  // [num_pages, page_size, K, D]
+using Int8PageBuffer = ffi::Buffer<ffi::S8, 4>;  // [num_pages, page_size, K, D]
+using Scales = ffi::Buffer<ffi::F32, 3>;  // [num_pages, page_size, K]
 using Indices = ffi::Buffer<ffi::S32, 1>;
 using PageTable = ffi::Buffer<ffi::S32, 2>;  // [R, P]
 using Outputs = ffi::ResultBuffer<ffi::F32, 3>;  // [T, H, D]
@@ -69,10 +71,29 @@ inline f32x16 exp_lanes(f32x16 x) {
   return p * scale;
 }
 
+// Page formats: float32 pages, or int8 pages with a float32 scale per position and KV head.
+struct FloatPages {
+  static constexpr bool kScaled = false;
+  using Element = float;
+  const float* k;  // [num_pages, page_size, K, D]
+  const float* v;
+  static f32x16 load(const float* p) { return load_f32(p); }
+};
+
+struct Int8Pages {
+  static constexpr bool kScaled = true;
+  using Element = int8_t;
+  const int8_t* k;  // [num_pages, page_size, K, D]: value = int8 * scale
+  const int8_t* v;
+  const float* k_scales;  // [num_pages, page_size, K]
+  const float* v_scales;
+  static f32x16 load(const int8_t* p) { return load_i8(p); }
+};
+
+template <typename Pages>
 struct Problem {
   const float* q;  // [T, H, D]
-  const float* k_pages;  // [num_pages, page_size, K, D]
-  const float* v_pages;
+  Pages pages;
   const int32_t* positions;  // [T]
   const int32_t* page_table;  // [R, P]
   const int32_t* kv_lens;  // [R]
@@ -81,10 +102,10 @@ struct Problem {
   float scale, softcap;
   int64_t window;
 
-  // Where position j of row r keeps its K (or V) of KV head h: [D] floats.
-  int64_t slot_offset(int64_t r, int64_t j, int64_t h) const {
+  // The slot (page, offset, KV head) where position j of row r keeps its K and V of KV head h.
+  int64_t slot(int64_t r, int64_t j, int64_t h) const {
     int64_t page = page_table[r * pages_per_row + j / page_size];
-    return ((page * page_size + j % page_size) * kv_heads + h) * head_dim;
+    return (page * page_size + j % page_size) * kv_heads + h;
   }
 };
 
@@ -93,7 +114,8 @@ struct Visible {
   int64_t first, last;
 };
 
-Visible visible(const Problem& p, int64_t r, int64_t t) {
+template <typename Pages>
+Visible visible(const Problem<Pages>& p, int64_t r, int64_t t) {
   int64_t position = p.positions[t];
   int64_t last = std::min<int64_t>({position, p.kv_lens[r] - 1, p.pages_per_row * p.page_size - 1});
   int64_t first = p.window > 0 ? std::max<int64_t>(0, position - p.window + 1) : 0;
@@ -101,7 +123,9 @@ Visible visible(const Problem& p, int64_t r, int64_t t) {
 }
 
 // Tokens [t0, t1) of row r against KV head h: every query head h * G + g of each token.
-void attend(const Problem& p, int64_t r, int64_t t0, int64_t t1, int64_t h) {
+template <typename Pages>
+void attend(const Problem<Pages>& p, int64_t r, int64_t t0, int64_t t1, int64_t h) {
+  using Element = typename Pages::Element;
   const int64_t groups = p.heads / p.kv_heads, d = p.head_dim, chunks = d / kLanes;
   const int64_t queries = (t1 - t0) * groups;
   thread_local std::vector<float> acc, running_max, total;
@@ -117,18 +141,26 @@ void attend(const Problem& p, int64_t r, int64_t t0, int64_t t1, int64_t h) {
     last = std::max(last, sees[t - t0].last);
   }
   const f32x16 lane_ids = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const float* keys[kLanes];
-  const float* values[kLanes];
+  const Element* keys[kLanes];
+  const Element* values[kLanes];
+  float key_scales[kLanes], value_scales[kLanes];
   for (int64_t j0 = first - first % kLanes; j0 <= last; j0 += kLanes) {
     int64_t block = std::min<int64_t>(kLanes, last + 1 - j0);
     for (int64_t j = 0; j < block; ++j) {
-      int64_t offset = p.slot_offset(r, j0 + j, h);
-      keys[j] = p.k_pages + offset;
-      values[j] = p.v_pages + offset;
+      int64_t slot = p.slot(r, j0 + j, h);
+      keys[j] = p.pages.k + slot * d;
+      values[j] = p.pages.v + slot * d;
+      if constexpr (Pages::kScaled) {
+        key_scales[j] = p.pages.k_scales[slot];
+        value_scales[j] = p.pages.v_scales[slot];
+      }
     }
     // Lanes past the block repeat its last key so that the dot products below run over all 16 lanes
     // (a loop of fixed length keeps them in registers); their scores are masked.
-    for (int64_t j = block; j < kLanes; ++j) keys[j] = keys[block - 1];
+    for (int64_t j = block; j < kLanes; ++j) {
+      keys[j] = keys[block - 1];
+      if constexpr (Pages::kScaled) key_scales[j] = value_scales[j] = 0.0f;
+    }
     for (int64_t t = t0; t < t1; ++t) {
       Visible seen = sees[t - t0];
       if (seen.last < j0 || seen.first >= j0 + block) continue;
@@ -142,9 +174,10 @@ void attend(const Problem& p, int64_t r, int64_t t0, int64_t t1, int64_t h) {
         f32x16 dots[kLanes] = {};
         for (int64_t c = 0; c < chunks; ++c) {
           f32x16 qc = load_f32(qv + c * kLanes);
-          for (int64_t j = 0; j < kLanes; ++j) dots[j] += qc * load_f32(keys[j] + c * kLanes);
+          for (int64_t j = 0; j < kLanes; ++j) dots[j] += qc * Pages::load(keys[j] + c * kLanes);
         }
         f32x16 scores = sum_lanes_16(dots) * p.scale;
+        if constexpr (Pages::kScaled) scores *= load_f32(key_scales);
         if (p.softcap > 0)
           for (int i = 0; i < kLanes; ++i) scores[i] = std::tanh(scores[i] / p.softcap) * p.softcap;
         scores = hidden ? kMasked : scores;
@@ -154,10 +187,12 @@ void attend(const Problem& p, int64_t r, int64_t t0, int64_t t1, int64_t h) {
         probs = hidden ? 0.0f : probs;
         running_max[query] = new_max;
         total[query] = total[query] * rescale + sum_lanes(probs);
+        f32x16 weights = probs;
+        if constexpr (Pages::kScaled) weights *= load_f32(value_scales);
         float* out = acc.data() + query * d;
         for (int64_t c = 0; c < chunks; ++c) {
           f32x16 o = load_f32(out + c * kLanes) * rescale;
-          for (int64_t j = seen_from; j < seen_to; ++j) o += probs[j] * load_f32(values[j] + c * kLanes);
+          for (int64_t j = seen_from; j < seen_to; ++j) o += weights[j] * Pages::load(values[j] + c * kLanes);
           store_f32(out + c * kLanes, o);
         }
       }
@@ -172,39 +207,74 @@ void attend(const Problem& p, int64_t r, int64_t t0, int64_t t1, int64_t h) {
     }
 }
 
-ffi::Error PagedAttention(ffi::ThreadPool pool, Queries q, Pages k_pages, Pages v_pages, Indices positions,
-                          Indices query_start, Indices kv_lens, PageTable page_table, float scale, int64_t window,
-                          float softcap, Outputs out) {
-  const int64_t tokens = q.dimensions()[0], heads = q.dimensions()[1], head_dim = q.dimensions()[2];
-  const int64_t rows = page_table.dimensions()[0];
-  Problem p{q.typed_data(), k_pages.typed_data(), v_pages.typed_data(), positions.typed_data(),
-            page_table.typed_data(), kv_lens.typed_data(), out->typed_data(), heads, k_pages.dimensions()[2],
-            head_dim, k_pages.dimensions()[1], page_table.dimensions()[1], scale, softcap, window};
-  const int32_t* starts = query_start.typed_data();
+template <typename Pages>
+void attend_all(ffi::ThreadPool& pool, const Problem<Pages>& p, const int32_t* query_start, int64_t tokens, int64_t rows) {
   struct Unit {
     int64_t row, t0, t1;
   };
   std::vector<Unit> units;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t t0 = starts[r]; t0 < starts[r + 1]; t0 += kTokensPerUnit)
-      units.push_back({r, t0, std::min<int64_t>(starts[r + 1], t0 + kTokensPerUnit)});
-  int64_t padding = std::max<int64_t>(0, tokens - starts[rows]);
-  std::memset(p.out + (tokens - padding) * heads * head_dim, 0, padding * heads * head_dim * sizeof(float));
+    for (int64_t t0 = query_start[r]; t0 < query_start[r + 1]; t0 += kTokensPerUnit)
+      units.push_back({r, t0, std::min<int64_t>(query_start[r + 1], t0 + kTokensPerUnit)});
+  int64_t padding = std::max<int64_t>(0, tokens - query_start[rows]), row_floats = p.heads * p.head_dim;
+  std::memset(p.out + (tokens - padding) * row_floats, 0, padding * row_floats * sizeof(float));
   run_units(pool, int64_t(units.size()) * p.kv_heads, [&](int64_t unit) {
     const Unit& u = units[unit / p.kv_heads];
     attend(p, u.row, u.t0, u.t1, unit % p.kv_heads);
   });
+}
+
+template <typename Pages, typename PageBuffer>
+ffi::Error Attention(ffi::ThreadPool& pool, Queries& q, PageBuffer& k_pages, Pages pages, Indices& positions,
+                     Indices& query_start, Indices& kv_lens, PageTable& page_table, float scale, int64_t window,
+                     float softcap, Outputs& out) {
+  Problem<Pages> p{q.typed_data(), pages, positions.typed_data(), page_table.typed_data(), kv_lens.typed_data(),
+                   out->typed_data(), q.dimensions()[1], k_pages.dimensions()[2], q.dimensions()[2],
+                   k_pages.dimensions()[1], page_table.dimensions()[1], scale, softcap, window};
+  attend_all(pool, p, query_start.typed_data(), q.dimensions()[0], page_table.dimensions()[0]);
   return ffi::Error::Success();
+}
+
+ffi::Error PagedAttentionFloat32(ffi::ThreadPool pool, Queries q, FloatPageBuffer k_pages, FloatPageBuffer v_pages, Indices positions,
+                                 Indices query_start, Indices kv_lens, PageTable page_table, float scale,
+                                 int64_t window, float softcap, Outputs out) {
+  FloatPages pages{k_pages.typed_data(), v_pages.typed_data()};
+  return Attention(pool, q, k_pages, pages, positions, query_start, kv_lens, page_table, scale, window, softcap, out);
+}
+
+ffi::Error PagedAttentionInt8(ffi::ThreadPool pool, Queries q, Int8PageBuffer k_pages, Int8PageBuffer v_pages,
+                              Scales k_scales, Scales v_scales, Indices positions, Indices query_start,
+                              Indices kv_lens, PageTable page_table, float scale, int64_t window, float softcap,
+                              Outputs out) {
+  Int8Pages pages{k_pages.typed_data(), v_pages.typed_data(), k_scales.typed_data(), v_scales.typed_data()};
+  return Attention(pool, q, k_pages, pages, positions, query_start, kv_lens, page_table, scale, window, softcap, out);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_paged_attention_f32, PagedAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_paged_attention_f32, PagedAttentionFloat32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Queries>()
-                                  .Arg<Pages>()
-                                  .Arg<Pages>()
+                                  .Arg<FloatPageBuffer>()
+                                  .Arg<FloatPageBuffer>()
+                                  .Arg<Indices>()
+                                  .Arg<Indices>()
+                                  .Arg<Indices>()
+                                  .Arg<PageTable>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap")
+                                  .Ret<Queries>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_paged_attention_int8, PagedAttentionInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Queries>()
+                                  .Arg<Int8PageBuffer>()
+                                  .Arg<Int8PageBuffer>()
+                                  .Arg<Scales>()
+                                  .Arg<Scales>()
                                   .Arg<Indices>()
                                   .Arg<Indices>()
                                   .Arg<Indices>()

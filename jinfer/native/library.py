@@ -31,6 +31,7 @@ TARGETS = (
     "jinfer_matmul_int4",
     "jinfer_matmul_int4_symmetric",
     "jinfer_paged_attention_f32",
+    "jinfer_paged_attention_int8",
 )
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 

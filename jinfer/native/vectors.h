@@ -11,6 +11,10 @@
 #include <memory>
 #include <thread>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace jinfer {
@@ -29,6 +33,24 @@ inline f32x16 load_f32(const float* p) {
 }
 
 inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline u8x16 load_u8(const uint8_t* p) {
+  u8x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32x16 widen_u8(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
+
+#if defined(__AVX512F__)
+inline f32x16 load_i8(const int8_t* p) {
+  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+// Signed bytes widen through unsigned ones (q + 128): GCC vectorises the zero extension of a byte
+// vector but not its sign extension.
+inline f32x16 load_i8(const int8_t* p) { return widen_u8(load_u8(reinterpret_cast<const uint8_t*>(p)) ^ 0x80) - 128.0f; }
+#endif
 
 inline float sum_lanes(f32x16 v) {
   f32x8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);

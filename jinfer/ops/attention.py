@@ -219,8 +219,8 @@ class PagedAttention:
     page_table: [R, P] int32 page ids of each row;
     kv_lens: [R] int32 tokens of each row in the cache after this step (0 for padding rows);
     query_start: [R + 1] int32 index in T of each row's first token (a row's tokens are contiguous,
-    rows in order). `kernels` (static) picks the XLA reference, the Pallas kernels or, on CPU with float32
-    pages, the native kernel (jinfer.ops.backend).
+    rows in order). `kernels` (static) picks the XLA reference, the Pallas kernels or, on CPU, the native
+    kernel (jinfer.ops.backend).
     """
 
     slots: jax.Array
@@ -237,12 +237,6 @@ class PagedAttention:
             return paged_attention_kernel(
                 q, k, v, cache, self.slots, self.kv_lens, self.page_table, self.query_start, layer, interpret=mode == "interpret"
             )
-        if mode == "native" and native.supports_paged_attention(q, cache["k"]):
-            k_pages, v_pages = write_kv(cache["k"], k, self.slots), write_kv(cache["v"], v, self.slots)
-            out = native.paged_attention(
-                q, k_pages, v_pages, positions, self.query_start, self.kv_lens, self.page_table, layer.scale, layer.window, layer.softcap
-            )
-            return out, {"k": k_pages, "v": v_pages}
         if "k_scale" in cache:
             k_pages, k_scales = write_kv_int8(cache["k"], cache["k_scale"], k, self.slots)
             v_pages, v_scales = write_kv_int8(cache["v"], cache["v_scale"], v, self.slots)
@@ -250,7 +244,13 @@ class PagedAttention:
         else:
             k_pages, v_pages = write_kv(cache["k"], k, self.slots), write_kv(cache["v"], v, self.slots)
             new_cache, k_scales, v_scales = {"k": k_pages, "v": v_pages}, None, None
-        out = paged_attention_reference(
-            q, k_pages, v_pages, positions, self.query_start, self.kv_lens, self.page_table, layer, k_scales, v_scales
-        )
+        if mode == "native" and native.supports_paged_attention(q, k_pages):
+            out = native.paged_attention(
+                q, k_pages, v_pages, positions, self.query_start, self.kv_lens, self.page_table,
+                layer.scale, layer.window, layer.softcap, k_scales, v_scales,
+            )
+        else:
+            out = paged_attention_reference(
+                q, k_pages, v_pages, positions, self.query_start, self.kv_lens, self.page_table, layer, k_scales, v_scales
+            )
         return out, new_cache
