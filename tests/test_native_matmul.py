@@ -25,9 +25,9 @@ from pallas_kernels.testing import assert_close, random_normal, scaled_error
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
 # Rows of x: one (decode), the 4-row tile and its remainders, a verification chunk; float32's
-# outer-product form from 12 rows on (matmul.cc, kPackedMinRows): tiles of 6 + 6, 7 + 6, 6 + 6 + 5
-# rows; the limit (four tiles of 8).
-ROWS = (1, 2, 3, 4, 5, 7, 12, 13, 17, native.MAX_ROWS)
+# outer-product form from 20 rows on (matmul.cc, kPackedMinRows): tiles of 6 + 7 + 7 and
+# 6 + 6 + 6 + 7 rows; the limit (four tiles of 8).
+ROWS = (1, 2, 3, 4, 5, 7, 20, 25, native.MAX_ROWS)
 # Output rows: a single row, the 4-row tile with a remainder, more than one 32-row unit of work
 # (a last unit of 6 rows: part of a 16-row panel), a last unit of one whole panel.
 OUTPUTS = (1, 6, 70, 48)
