@@ -24,10 +24,13 @@ from pallas_kernels.testing import assert_close, random_normal, scaled_error
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
-# Rows of x: one (decode), the 4-row tile and its remainders, a verification chunk, the limit.
-ROWS = (1, 2, 3, 4, 5, 7, native.MAX_ROWS)
-# Output rows: a single row, the 4-row tile with a remainder, more than one 32-row unit of work.
-OUTPUTS = (1, 6, 70)
+# Rows of x: one (decode), the 4-row tile and its remainders, a verification chunk; float32's
+# outer-product form from 20 rows on (matmul.cc, kPackedMinRows): tiles of 6 + 7 + 7 and
+# 6 + 6 + 6 + 7 rows; the limit (four tiles of 8).
+ROWS = (1, 2, 3, 4, 5, 7, 20, 25, native.MAX_ROWS)
+# Output rows: a single row, the 4-row tile with a remainder, more than one 32-row unit of work
+# (a last unit of 6 rows: part of a 16-row panel), a last unit of one whole panel.
+OUTPUTS = (1, 6, 70, 48)
 
 
 def _weights(kind: str, n: int, k: int, seed: int = 1):
@@ -42,7 +45,7 @@ def _weights(kind: str, n: int, k: int, seed: int = 1):
 
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n", OUTPUTS)
-@pytest.mark.parametrize("k", (16, 64, 576))
+@pytest.mark.parametrize("k", (16, 64, 576))  # 576: blocks of 128 columns and a last one of 64
 def test_float32_kernel_matches_a_float32_product(m, n, k):
     x, w = random_normal(m + n, (m, k)), random_normal(k, (n, k))
     expected = np.dot(x.astype(np.float64), w.astype(np.float64).T)
@@ -72,9 +75,10 @@ def test_w8a8_rounds_the_activations_as_the_int8_gemm_does(m):
     assert scaled_error(native_result, quantized_matmul(x, weights, kernels="native")) > 1e-3, "activations were not rounded"
 
 
-def test_a_nan_reaches_only_its_own_row_and_column():
+@pytest.mark.parametrize("m", (5, native.MAX_ROWS))  # float32's dot-product and outer-product forms
+def test_a_nan_reaches_only_its_own_row_and_column(m):
     """A stray read across rows of x or of the weights would spread the NaN."""
-    x, w = random_normal(0, (5, 64)), random_normal(1, (70, 64))
+    x, w = random_normal(0, (m, 64)), random_normal(1, (70, 64))
     x[2, 7], w[33, 40] = np.nan, np.nan
     y = np.asarray(native.dense_matmul(jnp.asarray(x), jnp.asarray(w)))
     poisoned = np.zeros_like(y, bool)

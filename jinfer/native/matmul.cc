@@ -3,8 +3,16 @@
 // y[M, N] = x[M, K] . w[N, K]^T with w float32, int8 (a scale per row and group of columns) or
 // int4 (half-split nibbles, a scale and an offset per row and group), accumulated in float32.
 // Decode multiplies a handful of rows by every weight once per token, so the weights are read
-// once: tiles of 4 weight rows stay in L1 while every row of x passes over them. Work is split
-// over XLA's intra-op thread pool in units of kRowsPerUnit weight rows.
+// once. Two forms:
+// - dot products (every format; float32 below kPackedMinRows rows of x): tiles of 4 weight rows stay
+//   in L1 while every row of x passes over them, 16-lane partial sums per (row of x, weight row)
+//   summed across lanes at the end;
+// - outer products (float32 from kPackedMinRows rows): a unit's weight rows are transposed, a block
+//   of columns at a time, into panels of 16 outputs per column, and tiles of up to 8 rows of x add
+//   x[i, k] * panel[k] into accumulators that are pieces of rows of y. Packing costs a 16x16
+//   transpose per 256 weights, which pays from about 20 rows of x on two threads, summed over a
+//   SmolLM2 layer's products (measured; on one thread from about 12).
+// Work is split over XLA's intra-op thread pool in units of kRowsPerUnit weight rows.
 //
 // Written with GCC vector extensions (16 float32 lanes), which the compiler maps to the machine's
 // widest vectors (-march=native); AVX-512 intrinsics only where GCC's code for an extension is slow
@@ -45,6 +53,9 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRowsPerUnit = 32;
 constexpr int kWeightRowsPerTile = 4;
+constexpr int kPackedRows = 8;              // rows of x per tile of the outer-product form
+constexpr int64_t kPackedColumns = 128;     // columns of K per packed block of the outer-product form
+constexpr int64_t kPackedMinRows = 20;      // rows of x from which float32 takes the outer-product form
 
 inline f32x16 load_f32(const float* p) {
   f32x16 v;
@@ -243,19 +254,161 @@ struct Units {
   }
 };
 
-template <typename Weights>
-void matmul(ffi::ThreadPool& pool, const Weights& weights, const Problem& p) {
+// Runs body(unit) for units 0 .. count - 1 on the calling thread and the pool.
+void run_units(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
   auto units = std::make_shared<Units>();
-  units->count = (p.n + kRowsPerUnit - 1) / kRowsPerUnit;
-  units->body = [&weights, &p](int64_t unit) {
-    int64_t n0 = unit * kRowsPerUnit, end = std::min(p.n, n0 + kRowsPerUnit);
-    for (; n0 + kWeightRowsPerTile <= end; n0 += kWeightRowsPerTile) weight_rows<kWeightRowsPerTile>(weights, p, n0);
-    for (; n0 < end; ++n0) weight_rows<1>(weights, p, n0);
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), units->count) - 1;
+  units->count = count;
+  units->body = std::move(body);
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->drain(); });
   units->drain();
   while (units->done.load(std::memory_order_acquire) < units->count) std::this_thread::yield();
+}
+
+template <typename Weights>
+void matmul(ffi::ThreadPool& pool, const Weights& weights, const Problem& p) {
+  run_units(pool, (p.n + kRowsPerUnit - 1) / kRowsPerUnit, [&weights, &p](int64_t unit) {
+    int64_t n0 = unit * kRowsPerUnit, end = std::min(p.n, n0 + kRowsPerUnit);
+    for (; n0 + kWeightRowsPerTile <= end; n0 += kWeightRowsPerTile) weight_rows<kWeightRowsPerTile>(weights, p, n0);
+    for (; n0 < end; ++n0) weight_rows<1>(weights, p, n0);
+  });
+}
+
+// Outer-product form for float32 weights and enough rows of x. A unit's weight rows are packed, a
+// block of kPackedColumns columns at a time, into panels of kLanes rows laid out [column][kLanes]:
+// column k of a panel is one vector of kLanes outputs. A tile of rows of x then adds x[i, k] *
+// panel[k] into one accumulator per (row, panel) for every k, and its accumulators are pieces of rows
+// of y: no sums across lanes. The panels of a block stay in L1 while every row of x passes over them,
+// and the next block's weights are prefetched while this one is multiplied.
+
+// The transpose of 16 vectors (v[r][l] -> v[l][r]) in four stages; the stage of bit D swaps bit D of
+// the vector index with bit D of the lane index, by two-source shuffles (vpermt2ps on AVX-512).
+#define JINFER_LOW(l) (((l) & D) ? (l) + 16 - D : (l))
+#define JINFER_HIGH(l) (((l) & D) ? (l) + 16 : (l) + D)
+template <int D>
+inline void transpose_stage(f32x16* v) {
+  for (int r = 0; r < 16; ++r) {
+    if (r & D) continue;
+    f32x16 a = v[r], b = v[r + D];
+    v[r] = __builtin_shufflevector(a, b, JINFER_LOW(0), JINFER_LOW(1), JINFER_LOW(2), JINFER_LOW(3), JINFER_LOW(4),
+                                   JINFER_LOW(5), JINFER_LOW(6), JINFER_LOW(7), JINFER_LOW(8), JINFER_LOW(9), JINFER_LOW(10),
+                                   JINFER_LOW(11), JINFER_LOW(12), JINFER_LOW(13), JINFER_LOW(14), JINFER_LOW(15));
+    v[r + D] = __builtin_shufflevector(a, b, JINFER_HIGH(0), JINFER_HIGH(1), JINFER_HIGH(2), JINFER_HIGH(3), JINFER_HIGH(4),
+                                       JINFER_HIGH(5), JINFER_HIGH(6), JINFER_HIGH(7), JINFER_HIGH(8), JINFER_HIGH(9),
+                                       JINFER_HIGH(10), JINFER_HIGH(11), JINFER_HIGH(12), JINFER_HIGH(13), JINFER_HIGH(14),
+                                       JINFER_HIGH(15));
+  }
+}
+#undef JINFER_LOW
+#undef JINFER_HIGH
+
+// Columns [col0, col0 + cols) of weight rows w[0 : rows] (rows <= kLanes; the rest read as zeros)
+// as a panel [cols][kLanes].
+void pack_panel(const float* w, int64_t k, int64_t rows, int64_t col0, int64_t cols, f32x16* panel) {
+  for (int64_t col = 0; col < cols; col += kLanes) {
+    f32x16 v[kLanes];
+    for (int r = 0; r < kLanes; ++r) v[r] = r < rows ? load_f32(w + r * k + col0 + col) : f32x16{};
+    transpose_stage<8>(v);
+    transpose_stage<4>(v);
+    transpose_stage<2>(v);
+    transpose_stage<1>(v);
+    for (int c = 0; c < kLanes; ++c) panel[col + c] = v[c];
+  }
+}
+
+// The weights of a unit's next block, prefetched a few cache lines per column of the block being
+// multiplied: the loads of packing would otherwise wait on memory with nothing to overlap them.
+struct Ahead {
+  const float* w;  // the block's first column in the unit's first weight row
+  int64_t k, rows, lines;  // lines per row
+  int64_t per_column;      // lines prefetched per column multiplied
+  int64_t row = 0, line = 0;
+  void step() {
+    for (int64_t q = 0; q < per_column && row < rows; ++q) {
+      __builtin_prefetch(w + row * k + line * kLanes);
+      if (++line == lines) line = 0, ++row;
+    }
+  }
+};
+
+// y[m0 : m0 + MB, n0 : n0 + outputs] (outputs <= NP * kLanes) plus the products of columns
+// [col0, col0 + cols) from NP panels of kPackedColumns vectors; the first block (col0 = 0) sets y.
+template <int MB, int NP>
+void packed_tile(const f32x16* panels, const Problem& p, int64_t m0, int64_t n0, int64_t outputs, int64_t col0,
+                 int64_t cols, Ahead& ahead) {
+  const float* x = p.x + m0 * p.k + col0;
+  f32x16 acc[MB][NP] = {};
+  for (int64_t col = 0; col < cols; ++col) {
+    ahead.step();
+    f32x16 w[NP];
+    for (int j = 0; j < NP; ++j) w[j] = panels[j * kPackedColumns + col];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NP; ++j) acc[i][j] += x[i * p.k + col] * w[j];
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NP; ++j) {
+      float* y = p.y + (m0 + i) * p.n + n0 + j * kLanes;
+      int64_t count = std::min<int64_t>(kLanes, outputs - j * kLanes);
+      if (count == kLanes) {
+        f32x16 sum = col0 ? acc[i][j] + load_f32(y) : acc[i][j];
+        std::memcpy(y, &sum, sizeof sum);
+      } else {
+        for (int64_t l = 0; l < count; ++l) y[l] = col0 ? y[l] + acc[i][j][l] : acc[i][j][l];
+      }
+    }
+}
+
+// The tile of `rows` rows of x from m0 (1 <= rows <= MB).
+template <int NP, int MB = kPackedRows>
+void packed_tile_of(int64_t rows, const f32x16* panels, const Problem& p, int64_t m0, int64_t n0, int64_t outputs,
+                    int64_t col0, int64_t cols, Ahead& ahead) {
+  if constexpr (MB > 1) {
+    if (rows < MB) return packed_tile_of<NP, MB - 1>(rows, panels, p, m0, n0, outputs, col0, cols, ahead);
+  }
+  packed_tile<MB, NP>(panels, p, m0, n0, outputs, col0, cols, ahead);
+}
+
+// All M rows of x against NP panels, in as few tiles of at most kPackedRows rows as there can be,
+// of sizes that differ by at most one (10 rows: 5 + 5, not 8 + 2).
+template <int NP>
+void packed_rows(const f32x16* panels, const Problem& p, int64_t n0, int64_t outputs, int64_t col0, int64_t cols,
+                 Ahead& ahead) {
+  int64_t tiles = (p.m + kPackedRows - 1) / kPackedRows;
+  for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
+    int64_t rows = (p.m - m0) / (tiles - t);
+    packed_tile_of<NP>(rows, panels, p, m0, n0, outputs, col0, cols, ahead);
+    m0 += rows;
+  }
+}
+
+// Weight rows [n0, n0 + kRowsPerUnit) of the outer-product form.
+void packed_unit(const float* w, const Problem& p, int64_t n0) {
+  constexpr int64_t kPanels = kRowsPerUnit / kLanes;
+  static_assert(kPanels == 2, "a unit is one tile of two panels, or a last one of one");
+  alignas(64) static thread_local f32x16 packed[kPanels * kPackedColumns];
+  int64_t rows = std::min(p.n - n0, kRowsPerUnit), panels = (rows + kLanes - 1) / kLanes;
+  for (int64_t col0 = 0; col0 < p.k; col0 += kPackedColumns) {
+    int64_t cols = std::min(kPackedColumns, p.k - col0);
+    for (int64_t j = 0; j < panels; ++j)
+      pack_panel(w + (n0 + j * kLanes) * p.k, p.k, std::min(kLanes, rows - j * kLanes), col0, cols,
+                 packed + j * kPackedColumns);
+    // The next block of this unit, or after the last one the first block of the next unit (taken by
+    // this thread or another: either way its weights are on their way from memory).
+    int64_t next = col0 + cols, next_n0 = next < p.k ? n0 : n0 + kRowsPerUnit;
+    if (next == p.k) next = 0;
+    int64_t ahead_rows = std::max<int64_t>(0, std::min(p.n - next_n0, kRowsPerUnit));
+    int64_t lines = (std::min(kPackedColumns, p.k - next) + kLanes - 1) / kLanes;
+    int64_t columns = (p.m + kPackedRows - 1) / kPackedRows * cols;  // columns multiplied in this block
+    Ahead ahead{w + next_n0 * p.k + next, p.k, ahead_rows, lines, (ahead_rows * lines + columns - 1) / columns};
+    if (panels == kPanels)
+      packed_rows<kPanels>(packed, p, n0, rows, col0, cols, ahead);
+    else
+      packed_rows<1>(packed, p, n0, rows, col0, cols, ahead);
+  }
+}
+
+void matmul_packed(ffi::ThreadPool& pool, const float* w, const Problem& p) {
+  run_units(pool, (p.n + kRowsPerUnit - 1) / kRowsPerUnit, [w, &p](int64_t unit) { packed_unit(w, p, unit * kRowsPerUnit); });
 }
 
 std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t groups) {
@@ -273,7 +426,10 @@ std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t grou
 ffi::Error MatmulFloat32(ffi::ThreadPool pool, FloatMatrix x, FloatMatrix w, FloatResult y) {
   int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[0];
   Problem p{x.typed_data(), y->typed_data(), nullptr, m, k, n, 1};
-  matmul(pool, Float32Weights{w.typed_data(), k}, p);
+  if (m >= kPackedMinRows)
+    matmul_packed(pool, w.typed_data(), p);
+  else
+    matmul(pool, Float32Weights{w.typed_data(), k}, p);
   return ffi::Error::Success();
 }
 
