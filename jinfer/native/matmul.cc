@@ -22,21 +22,14 @@
 // checks before calling.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace jinfer;
 
 namespace {
 
@@ -45,47 +38,11 @@ using Int8Matrix = ffi::Buffer<ffi::S8, 2>;
 using ByteMatrix = ffi::Buffer<ffi::U8, 2>;
 using FloatResult = ffi::ResultBuffer<ffi::F32, 2>;
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-constexpr int64_t kLanes = 16;
 constexpr int64_t kRowsPerUnit = 32;
 constexpr int kWeightRowsPerTile = 4;
 constexpr int kPackedRows = 8;              // rows of x per tile of the outer-product form
 constexpr int64_t kPackedColumns = 128;     // columns of K per packed block of the outer-product form
 constexpr int64_t kPackedMinRows = 20;      // rows of x from which float32 takes the outer-product form
-
-inline f32x16 load_f32(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline u8x16 load_u8(const uint8_t* p) {
-  u8x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline f32x16 widen_u8(u8x16 v) { return __builtin_convertvector(__builtin_convertvector(v, i32x16), f32x16); }
-
-#if defined(__AVX512F__)
-inline f32x16 load_i8(const int8_t* p) {
-  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#else
-// Signed bytes widen through unsigned ones (q + 128): GCC vectorises the zero extension of a byte
-// vector but not its sign extension.
-inline f32x16 load_i8(const int8_t* p) { return widen_u8(load_u8(reinterpret_cast<const uint8_t*>(p)) ^ 0x80) - 128.0f; }
-#endif
-
-inline float sum_lanes(f32x16 v) {
-  f32x8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
-}
 
 // Weight formats: where a weight row starts, and 16 of its columns as float32 lanes.
 struct Float32Weights {
@@ -237,32 +194,6 @@ void weight_rows(const Weights& weights, const Problem& p, int64_t n0) {
     if (p.m - i == 2) tile<2, NB>(weights, p, i, n0);
   }
   if (p.m - i == 1) tile<1, NB>(weights, p, i, n0);
-}
-
-// Units of work handed out by an atomic counter to the calling thread and to tasks on the pool.
-// The caller takes units until none is left, then waits only for units already taken, so it never
-// waits on a task that has not started; late tasks find nothing to do.
-struct Units {
-  std::atomic<int64_t> next{0}, done{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> body;
-  void drain() {
-    for (int64_t unit; (unit = next.fetch_add(1)) < count;) {
-      body(unit);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Runs body(unit) for units 0 .. count - 1 on the calling thread and the pool.
-void run_units(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> body) {
-  auto units = std::make_shared<Units>();
-  units->count = count;
-  units->body = std::move(body);
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([units] { units->drain(); });
-  units->drain();
-  while (units->done.load(std::memory_order_acquire) < units->count) std::this_thread::yield();
 }
 
 template <typename Weights>

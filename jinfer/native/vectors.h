@@ -1,6 +1,6 @@
 // Shared by jinfer's CPU kernels: 16-lane float32 vectors (GCC vector extensions, mapped to the
-// machine's widest vectors by -march=native) and the split of a kernel's work over XLA's intra-op
-// thread pool.
+// machine's widest vectors by -march=native), loads that widen int8 / uint8 into them, and the split
+// of a kernel's work over XLA's intra-op thread pool.
 
 #pragma once
 
