@@ -102,10 +102,14 @@ struct Problem {
   float scale, softcap;
   int64_t window;
 
-  // The slot (page, offset, KV head) where position j of row r keeps its K and V of KV head h.
-  int64_t slot(int64_t r, int64_t j, int64_t h) const {
-    int64_t page = page_table[r * pages_per_row + j / page_size];
-    return (page * page_size + j % page_size) * kv_heads + h;
+  // The slot (page, offset, KV head) where position j of row r keeps its K and V of KV head h,
+  // for the `count` positions from j (one division, then a walk through the page table).
+  void slots(int64_t r, int64_t j, int64_t h, int64_t count, int64_t* out) const {
+    const int32_t* row_pages = page_table + r * pages_per_row + j / page_size;
+    for (int64_t i = 0, offset = j % page_size; i < count; ++i, ++offset) {
+      if (offset == page_size) offset = 0, ++row_pages;
+      out[i] = (*row_pages * page_size + offset) * kv_heads + h;
+    }
   }
 };
 
@@ -146,13 +150,14 @@ void attend(const Problem<Pages>& p, int64_t r, int64_t t0, int64_t t1, int64_t 
   float key_scales[kLanes], value_scales[kLanes];
   for (int64_t j0 = first - first % kLanes; j0 <= last; j0 += kLanes) {
     int64_t block = std::min<int64_t>(kLanes, last + 1 - j0);
+    int64_t slots[kLanes];
+    p.slots(r, j0, h, block, slots);
     for (int64_t j = 0; j < block; ++j) {
-      int64_t slot = p.slot(r, j0 + j, h);
-      keys[j] = p.pages.k + slot * d;
-      values[j] = p.pages.v + slot * d;
+      keys[j] = p.pages.k + slots[j] * d;
+      values[j] = p.pages.v + slots[j] * d;
       if constexpr (Pages::kScaled) {
-        key_scales[j] = p.pages.k_scales[slot];
-        value_scales[j] = p.pages.v_scales[slot];
+        key_scales[j] = p.pages.k_scales[slots[j]];
+        value_scales[j] = p.pages.v_scales[slots[j]];
       }
     }
     // Lanes past the block repeat its last key so that the dot products below run over all 16 lanes
