@@ -1,11 +1,14 @@
 """Parity with Hugging Face transformers: tiny random models of every architecture, float32 logits."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jinfer
 from hf_reference import TINY_CONFIGS, VOCAB, reference_logits, save_tiny_model
+from jinfer.models.transformer import Transformer
+from jinfer.ops.attention import FullSequenceAttention
 from jinfer.sharding import make_mesh
 from pallas_kernels.testing import assert_close
 
@@ -58,3 +61,18 @@ def test_token_out_of_vocabulary_is_named(tmp_path):
 
 def test_eight_fake_devices_are_available():
     assert len(jax.devices()) == 8
+
+
+def test_rope_tables_are_computed_once_for_all_layers(tmp_path):
+    """XLA:CPU used to fuse cos and sin into every layer's rotation, evaluating them per head and layer:
+    the compiled forward holds them once (in each of the two branches of `rope_tables`' conditional)."""
+    save_tiny_model("llama", tmp_path)
+    model = jinfer.load(tmp_path)
+    assert model.config.num_layers > 1
+
+    def forward(params, tokens, positions):  # tokens, positions: [B, S] int32, positions known only at run time
+        return Transformer(model.config, model.dtype).apply({"params": params}, tokens, positions, FullSequenceAttention())[0]
+
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    compiled = jax.jit(forward).lower(model.params, tokens, tokens).compile().as_text()
+    assert compiled.count("cosine(") <= 2 and compiled.count(" sine(") <= 2
