@@ -44,8 +44,9 @@ constexpr int kWeightRowsPerTile = 4;
 constexpr int kPackedRows = 8;              // rows of x per tile of the outer-product form
 constexpr int kPanels = 3;                  // panels of kLanes weight rows per unit of the outer-product form
 constexpr int64_t kPackedUnitRows = kPanels * kLanes;
-constexpr int64_t kPrefetchTiles = 4;       // tiles of rows of x that prefetch the next block, a line per column
+constexpr int64_t kPrefetchTiles = 4;       // tiles of rows of x that prefetch the next unit, a line per column
 constexpr int64_t kPackedColumns = 128;     // columns of K per packed block of the outer-product form
+constexpr int64_t kRunsPerThread = 8;       // runs of consecutive units per thread of the outer-product form
 constexpr int64_t kPackedMinRows = 20;      // rows of x from which float32 takes the outer-product form
 
 // Weight formats: where a weight row starts, and 16 of its columns as float32 lanes.
@@ -215,7 +216,8 @@ void matmul(ffi::ThreadPool& pool, const Weights& weights, const Problem& p) {
 // then adds x[i, k] * panel[k] into one accumulator per (row, panel) for every k (8 x 3 = 24
 // accumulators, 3 panel loads and 8 broadcasts of x per 24 products), and its accumulators are pieces
 // of rows of y: no sums across lanes. The panels of a block stay in L1 while every row of x passes
-// over them, and the next block's weights are prefetched while this one is multiplied.
+// over them, and the next unit's weights (contiguous rows) are prefetched while this one is
+// multiplied, a share per block.
 
 // The transpose of 16 vectors (v[r][l] -> v[l][r]) in four stages; the stage of bit D swaps bit D of
 // the vector index with bit D of the lane index, by two-source shuffles (vpermt2ps on AVX-512).
@@ -254,7 +256,7 @@ void pack_panel(const float* w, int64_t k, int64_t rows, int64_t col0, int64_t c
 
 // y[m0 : m0 + MB, n0 : n0 + outputs] (outputs <= NP * kLanes) plus the products of columns
 // [col0, col0 + cols) from NP panels of kPackedColumns vectors; the first block (col0 = 0) sets y.
-// Each column also prefetches one line of the weights packed next (prefetch[col]).
+// Each column also prefetches one line of the next unit's weights (prefetch[col]).
 template <int MB, int NP>
 void packed_tile(const f32x16* panels, const Problem& p, int64_t m0, int64_t n0, int64_t outputs, int64_t col0,
                  int64_t cols, const float* const* prefetch) {
@@ -309,7 +311,7 @@ void packed_unit(const float* w, const Problem& p, int64_t n0) {
     alignas(64) f32x16 packed[kPanels * kPackedColumns];
     const float* prefetch[kPrefetchTiles * kPackedColumns];
   };
-  static_assert(kPackedUnitRows * kPackedColumns / kLanes <= kPrefetchTiles * kPackedColumns, "a block's lines fit the list");
+  static_assert(kPackedUnitRows * kPackedColumns / kLanes <= kPrefetchTiles * kPackedColumns, "a block's share of the next unit's lines fits the list");
   static thread_local Buffers buffers;
   f32x16* packed = buffers.packed;
   const float** prefetch = buffers.prefetch;
@@ -320,16 +322,15 @@ void packed_unit(const float* w, const Problem& p, int64_t n0) {
     for (int64_t j = 0; j < panels; ++j)
       pack_panel(w + (n0 + j * kLanes) * p.k, p.k, std::min(kLanes, rows - j * kLanes), col0, cols,
                  packed + j * kPackedColumns);
-    // The lines of the next block of this unit, or after the last one of the first block of the next
-    // unit (taken by this thread or another: either way its weights are on their way from memory),
-    // one per column multiplied; past the last, the packed block (in L1 already).
-    int64_t next = col0 + cols, next_n0 = next < p.k ? n0 : n0 + kPackedUnitRows;
-    if (next == p.k) next = 0;
-    int64_t next_rows = std::max<int64_t>(0, std::min(p.n - next_n0, kPackedUnitRows));
-    int64_t lines = (std::min(kPackedColumns, p.k - next) + kLanes - 1) / kLanes, count = 0;
-    for (int64_t r = 0; r < next_rows; ++r)
-      for (int64_t l = 0; l < lines; ++l) prefetch[count++] = w + (next_n0 + r) * p.k + next + l * kLanes;
-    for (int64_t q = tiles * cols; q < count; ++q) __builtin_prefetch(prefetch[q]);  // more lines than columns
+    // The next unit's weights are contiguous: its lines, a share per block of this unit, one per
+    // column multiplied (the rest at once); past the last, the packed block (in L1 already).
+    int64_t blocks = (p.k + kPackedColumns - 1) / kPackedColumns, block = col0 / kPackedColumns;
+    int64_t next_rows = std::max<int64_t>(0, std::min(p.n - n0 - kPackedUnitRows, kPackedUnitRows));
+    int64_t lines = next_rows * p.k / kLanes, share = (lines + blocks - 1) / blocks;
+    int64_t first = std::min(lines, block * share), count = std::min(lines, first + share) - first;
+    const float* next = w + (n0 + kPackedUnitRows) * p.k + first * kLanes;
+    for (int64_t q = 0; q < count; ++q) prefetch[q] = next + q * kLanes;
+    for (int64_t q = tiles * cols; q < count; ++q) __builtin_prefetch(prefetch[q]);
     for (; count < tiles * cols; ++count) prefetch[count] = reinterpret_cast<const float*>(packed);
     if (panels == 3)
       packed_rows<3>(packed, p, n0, rows, col0, cols, prefetch);
@@ -340,9 +341,14 @@ void packed_unit(const float* w, const Problem& p, int64_t n0) {
   }
 }
 
+// Units are taken in runs of consecutive ones (about kRunsPerThread runs per thread), so that the
+// unit a unit prefetches is mostly taken by the same thread.
 void matmul_packed(ffi::ThreadPool& pool, const float* w, const Problem& p) {
-  run_units(pool, (p.n + kPackedUnitRows - 1) / kPackedUnitRows,
-            [w, &p](int64_t unit) { packed_unit(w, p, unit * kPackedUnitRows); });
+  int64_t units = (p.n + kPackedUnitRows - 1) / kPackedUnitRows;
+  int64_t per = std::max<int64_t>(1, units / (kRunsPerThread * std::max<int64_t>(1, pool.num_threads())));
+  run_units(pool, (units + per - 1) / per, [w, &p, units, per](int64_t group) {
+    for (int64_t unit = group * per; unit < std::min(units, (group + 1) * per); ++unit) packed_unit(w, p, unit * kPackedUnitRows);
+  });
 }
 
 std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t groups) {
