@@ -28,8 +28,9 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kern
 # outer-product form from 20 rows on (matmul.cc, kPackedMinRows): tiles of 6 + 7 + 7 and
 # 6 + 6 + 6 + 7 rows; the limit (four tiles of 8).
 ROWS = (1, 2, 3, 4, 5, 7, 20, 25, native.MAX_ROWS)
-# Output rows: a single row, the 4-row tile with a remainder, more than one 32-row unit of work
-# (a last unit of 6 rows: part of a 16-row panel), a last unit of one whole panel.
+# Output rows: a single row, the 4-row tile with a remainder, more than one unit of work (32 rows
+# for dot products; 48 for outer products, a last unit of 22 rows: a panel of 16 and part of one),
+# one whole unit of three 16-row panels.
 OUTPUTS = (1, 6, 70, 48)
 
 

@@ -12,7 +12,8 @@
 //   x[i, k] * panel[k] into accumulators that are pieces of rows of y. Packing costs a 16x16
 //   transpose per 256 weights, which pays from about 20 rows of x on two threads, summed over a
 //   SmolLM2 layer's products (measured; on one thread from about 12).
-// Work is split over XLA's intra-op thread pool in units of kRowsPerUnit weight rows.
+// Work is split over XLA's intra-op thread pool in units of kRowsPerUnit weight rows (dot products)
+// or kPackedUnitRows (outer products).
 //
 // Written with GCC vector extensions (16 float32 lanes), which the compiler maps to the machine's
 // widest vectors (-march=native); AVX-512 intrinsics only where GCC's code for an extension is slow
@@ -41,7 +42,11 @@ using FloatResult = ffi::ResultBuffer<ffi::F32, 2>;
 constexpr int64_t kRowsPerUnit = 32;
 constexpr int kWeightRowsPerTile = 4;
 constexpr int kPackedRows = 8;              // rows of x per tile of the outer-product form
+constexpr int kPanels = 3;                  // panels of kLanes weight rows per unit of the outer-product form
+constexpr int64_t kPackedUnitRows = kPanels * kLanes;
+constexpr int64_t kPrefetchTiles = 4;       // tiles of rows of x that prefetch the next unit, a line per column
 constexpr int64_t kPackedColumns = 128;     // columns of K per packed block of the outer-product form
+constexpr int64_t kRunsPerThread = 8;       // runs of consecutive units per thread of the outer-product form
 constexpr int64_t kPackedMinRows = 20;      // rows of x from which float32 takes the outer-product form
 
 // Weight formats: where a weight row starts, and 16 of its columns as float32 lanes.
@@ -206,11 +211,13 @@ void matmul(ffi::ThreadPool& pool, const Weights& weights, const Problem& p) {
 }
 
 // Outer-product form for float32 weights and enough rows of x. A unit's weight rows are packed, a
-// block of kPackedColumns columns at a time, into panels of kLanes rows laid out [column][kLanes]:
-// column k of a panel is one vector of kLanes outputs. A tile of rows of x then adds x[i, k] *
-// panel[k] into one accumulator per (row, panel) for every k, and its accumulators are pieces of rows
-// of y: no sums across lanes. The panels of a block stay in L1 while every row of x passes over them,
-// and the next block's weights are prefetched while this one is multiplied.
+// block of kPackedColumns columns at a time, into kPanels panels of kLanes rows laid out
+// [column][kLanes]: column k of a panel is one vector of kLanes outputs. A tile of up to 8 rows of x
+// then adds x[i, k] * panel[k] into one accumulator per (row, panel) for every k (8 x 3 = 24
+// accumulators, 3 panel loads and 8 broadcasts of x per 24 products), and its accumulators are pieces
+// of rows of y: no sums across lanes. The panels of a block stay in L1 while every row of x passes
+// over them, and the next unit's weights (contiguous rows) are prefetched while this one is
+// multiplied, a share per block.
 
 // The transpose of 16 vectors (v[r][l] -> v[l][r]) in four stages; the stage of bit D swaps bit D of
 // the vector index with bit D of the lane index, by two-source shuffles (vpermt2ps on AVX-512).
@@ -247,30 +254,16 @@ void pack_panel(const float* w, int64_t k, int64_t rows, int64_t col0, int64_t c
   }
 }
 
-// The weights of a unit's next block, prefetched a few cache lines per column of the block being
-// multiplied: the loads of packing would otherwise wait on memory with nothing to overlap them.
-struct Ahead {
-  const float* w;  // the block's first column in the unit's first weight row
-  int64_t k, rows, lines;  // lines per row
-  int64_t per_column;      // lines prefetched per column multiplied
-  int64_t row = 0, line = 0;
-  void step() {
-    for (int64_t q = 0; q < per_column && row < rows; ++q) {
-      __builtin_prefetch(w + row * k + line * kLanes);
-      if (++line == lines) line = 0, ++row;
-    }
-  }
-};
-
 // y[m0 : m0 + MB, n0 : n0 + outputs] (outputs <= NP * kLanes) plus the products of columns
 // [col0, col0 + cols) from NP panels of kPackedColumns vectors; the first block (col0 = 0) sets y.
+// Each column also prefetches one line of the next unit's weights (prefetch[col]).
 template <int MB, int NP>
 void packed_tile(const f32x16* panels, const Problem& p, int64_t m0, int64_t n0, int64_t outputs, int64_t col0,
-                 int64_t cols, Ahead& ahead) {
+                 int64_t cols, const float* const* prefetch) {
   const float* x = p.x + m0 * p.k + col0;
   f32x16 acc[MB][NP] = {};
   for (int64_t col = 0; col < cols; ++col) {
-    ahead.step();
+    __builtin_prefetch(prefetch[col]);
     f32x16 w[NP];
     for (int j = 0; j < NP; ++j) w[j] = panels[j * kPackedColumns + col];
     for (int i = 0; i < MB; ++i)
@@ -281,8 +274,7 @@ void packed_tile(const f32x16* panels, const Problem& p, int64_t m0, int64_t n0,
       float* y = p.y + (m0 + i) * p.n + n0 + j * kLanes;
       int64_t count = std::min<int64_t>(kLanes, outputs - j * kLanes);
       if (count == kLanes) {
-        f32x16 sum = col0 ? acc[i][j] + load_f32(y) : acc[i][j];
-        std::memcpy(y, &sum, sizeof sum);
+        store_f32(y, col0 ? acc[i][j] + load_f32(y) : acc[i][j]);
       } else {
         for (int64_t l = 0; l < count; ++l) y[l] = col0 ? y[l] + acc[i][j][l] : acc[i][j][l];
       }
@@ -292,54 +284,71 @@ void packed_tile(const f32x16* panels, const Problem& p, int64_t m0, int64_t n0,
 // The tile of `rows` rows of x from m0 (1 <= rows <= MB).
 template <int NP, int MB = kPackedRows>
 void packed_tile_of(int64_t rows, const f32x16* panels, const Problem& p, int64_t m0, int64_t n0, int64_t outputs,
-                    int64_t col0, int64_t cols, Ahead& ahead) {
+                    int64_t col0, int64_t cols, const float* const* prefetch) {
   if constexpr (MB > 1) {
-    if (rows < MB) return packed_tile_of<NP, MB - 1>(rows, panels, p, m0, n0, outputs, col0, cols, ahead);
+    if (rows < MB) return packed_tile_of<NP, MB - 1>(rows, panels, p, m0, n0, outputs, col0, cols, prefetch);
   }
-  packed_tile<MB, NP>(panels, p, m0, n0, outputs, col0, cols, ahead);
+  packed_tile<MB, NP>(panels, p, m0, n0, outputs, col0, cols, prefetch);
 }
 
 // All M rows of x against NP panels, in as few tiles of at most kPackedRows rows as there can be,
-// of sizes that differ by at most one (10 rows: 5 + 5, not 8 + 2).
+// of sizes that differ by at most one (10 rows: 5 + 5, not 8 + 2); tile t prefetches the lines
+// prefetch[t % kPrefetchTiles * cols ...].
 template <int NP>
 void packed_rows(const f32x16* panels, const Problem& p, int64_t n0, int64_t outputs, int64_t col0, int64_t cols,
-                 Ahead& ahead) {
+                 const float* const* prefetch) {
   int64_t tiles = (p.m + kPackedRows - 1) / kPackedRows;
   for (int64_t t = 0, m0 = 0; t < tiles; ++t) {
     int64_t rows = (p.m - m0) / (tiles - t);
-    packed_tile_of<NP>(rows, panels, p, m0, n0, outputs, col0, cols, ahead);
+    packed_tile_of<NP>(rows, panels, p, m0, n0, outputs, col0, cols, prefetch + t % kPrefetchTiles * cols);
     m0 += rows;
   }
 }
 
-// Weight rows [n0, n0 + kRowsPerUnit) of the outer-product form.
+// Weight rows [n0, n0 + kPackedUnitRows) of the outer-product form.
 void packed_unit(const float* w, const Problem& p, int64_t n0) {
-  constexpr int64_t kPanels = kRowsPerUnit / kLanes;
-  static_assert(kPanels == 2, "a unit is one tile of two panels, or a last one of one");
-  alignas(64) static thread_local f32x16 packed[kPanels * kPackedColumns];
-  int64_t rows = std::min(p.n - n0, kRowsPerUnit), panels = (rows + kLanes - 1) / kLanes;
+  struct Buffers {
+    alignas(64) f32x16 packed[kPanels * kPackedColumns];
+    const float* prefetch[kPrefetchTiles * kPackedColumns];
+  };
+  static_assert(kPackedUnitRows * kPackedColumns / kLanes <= kPrefetchTiles * kPackedColumns, "a block's share of the next unit's lines fits the list");
+  static thread_local Buffers buffers;
+  f32x16* packed = buffers.packed;
+  const float** prefetch = buffers.prefetch;
+  int64_t rows = std::min(p.n - n0, kPackedUnitRows), panels = (rows + kLanes - 1) / kLanes;
+  int64_t tiles = std::min<int64_t>(kPrefetchTiles, (p.m + kPackedRows - 1) / kPackedRows);
   for (int64_t col0 = 0; col0 < p.k; col0 += kPackedColumns) {
     int64_t cols = std::min(kPackedColumns, p.k - col0);
     for (int64_t j = 0; j < panels; ++j)
       pack_panel(w + (n0 + j * kLanes) * p.k, p.k, std::min(kLanes, rows - j * kLanes), col0, cols,
                  packed + j * kPackedColumns);
-    // The next block of this unit, or after the last one the first block of the next unit (taken by
-    // this thread or another: either way its weights are on their way from memory).
-    int64_t next = col0 + cols, next_n0 = next < p.k ? n0 : n0 + kRowsPerUnit;
-    if (next == p.k) next = 0;
-    int64_t ahead_rows = std::max<int64_t>(0, std::min(p.n - next_n0, kRowsPerUnit));
-    int64_t lines = (std::min(kPackedColumns, p.k - next) + kLanes - 1) / kLanes;
-    int64_t columns = (p.m + kPackedRows - 1) / kPackedRows * cols;  // columns multiplied in this block
-    Ahead ahead{w + next_n0 * p.k + next, p.k, ahead_rows, lines, (ahead_rows * lines + columns - 1) / columns};
-    if (panels == kPanels)
-      packed_rows<kPanels>(packed, p, n0, rows, col0, cols, ahead);
+    // The next unit's weights are contiguous: its lines, a share per block of this unit, one per
+    // column multiplied (the rest at once); past the last, the packed block (in L1 already).
+    int64_t blocks = (p.k + kPackedColumns - 1) / kPackedColumns, block = col0 / kPackedColumns;
+    int64_t next_rows = std::max<int64_t>(0, std::min(p.n - n0 - kPackedUnitRows, kPackedUnitRows));
+    int64_t lines = next_rows * p.k / kLanes, share = (lines + blocks - 1) / blocks;
+    int64_t first = std::min(lines, block * share), count = std::min(lines, first + share) - first;
+    const float* next = w + (n0 + kPackedUnitRows) * p.k + first * kLanes;
+    for (int64_t q = 0; q < count; ++q) prefetch[q] = next + q * kLanes;
+    for (int64_t q = tiles * cols; q < count; ++q) __builtin_prefetch(prefetch[q]);
+    for (; count < tiles * cols; ++count) prefetch[count] = reinterpret_cast<const float*>(packed);
+    if (panels == 3)
+      packed_rows<3>(packed, p, n0, rows, col0, cols, prefetch);
+    else if (panels == 2)
+      packed_rows<2>(packed, p, n0, rows, col0, cols, prefetch);
     else
-      packed_rows<1>(packed, p, n0, rows, col0, cols, ahead);
+      packed_rows<1>(packed, p, n0, rows, col0, cols, prefetch);
   }
 }
 
+// Units are taken in runs of consecutive ones (about kRunsPerThread runs per thread), so that the
+// unit a unit prefetches is mostly taken by the same thread.
 void matmul_packed(ffi::ThreadPool& pool, const float* w, const Problem& p) {
-  run_units(pool, (p.n + kRowsPerUnit - 1) / kRowsPerUnit, [w, &p](int64_t unit) { packed_unit(w, p, unit * kRowsPerUnit); });
+  int64_t units = (p.n + kPackedUnitRows - 1) / kPackedUnitRows;
+  int64_t per = std::max<int64_t>(1, units / (kRunsPerThread * std::max<int64_t>(1, pool.num_threads())));
+  run_units(pool, (units + per - 1) / per, [w, &p, units, per](int64_t group) {
+    for (int64_t unit = group * per; unit < std::min(units, (group + 1) * per); ++unit) packed_unit(w, p, unit * kPackedUnitRows);
+  });
 }
 
 std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t groups) {
