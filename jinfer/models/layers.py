@@ -8,10 +8,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
+from jax import lax
 
+from jinfer import native
 from jinfer.config import ModelConfig, RopeConfig
+from jinfer.ops import backend as kernel_backend
 from jinfer.ops.matmul import dense_matmul, quantized_matmul
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights
 
@@ -60,7 +62,8 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * (offset + scale), computed in float32. Gemma stores `scale - 1` (offset 1)."""
+    """x / rms(x) * (offset + scale), computed in float32. Gemma stores `scale - 1` (offset 1). In
+    kernel mode "native" (the enclosing `kernel_scope`'s) float32 rows run jinfer's CPU kernel."""
 
     features: int
     eps: float
@@ -73,6 +76,8 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)), (self.features,), self.dtype)
         x32 = x.astype(jnp.float32)
+        if self.dtype == jnp.float32 and kernel_backend.resolve() == "native" and native.supports_rms_norm(x32, scale):
+            return native.rms_norm(x32, scale, self.eps, self.offset)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
             return (normed * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)

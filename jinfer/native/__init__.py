@@ -5,11 +5,13 @@
   below the machine's memory bandwidth, and runs weight-only int8 / int4 products by dequantizing
   the whole matrix first. `jinfer.ops.matmul` calls them in kernel mode "native";
 - ragged attention over the float32 KV page pool, reading each row's keys and values in place
-  instead of gathering its pages. `jinfer.ops.attention.PagedAttention` calls it in mode "native".
+  instead of gathering its pages. `jinfer.ops.attention.PagedAttention` calls it in mode "native";
+- RMS normalization of float32 rows on the calling thread (`jinfer.models.layers.RMSNorm`).
 """
 
 from jinfer.native.attention import paged_attention, supports_paged_attention
 from jinfer.native.library import TARGETS, available
+from jinfer.native.norm import rms_norm, supports_rms_norm
 from jinfer.native.matmul import MAX_ROWS, MAX_W8A8_ROWS, dense_matmul, quantized_matmul, supports_dense, supports_quantized
 
 __all__ = [
@@ -20,7 +22,9 @@ __all__ = [
     "dense_matmul",
     "paged_attention",
     "quantized_matmul",
+    "rms_norm",
     "supports_dense",
     "supports_paged_attention",
     "supports_quantized",
+    "supports_rms_norm",
 ]
