@@ -23,6 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jinfer import native
+from jinfer.ops import backend as kernel_backend
+
 MAX_LOGPROBS = 20
 CANDIDATES = 256  # top-k / top-p cut-offs within this many most likely tokens need no vocabulary-wide search
 CHUNK = 512  # vocabulary chunk of the two-stage draw
@@ -194,15 +197,20 @@ def sample(logits, batch: SamplingBatch, num_top_logprobs: int) -> SampleResult:
     logits: [B, V] float32, already penalised. Rows with temperature 0 take the argmax (lowest id on ties)
     whatever their filters; the others are scaled by temperature, filtered by top-k, top-p and min-p, and
     drawn with the row's key. Logprobs are reported under log_softmax(logits): before temperature and filters.
+    In kernel mode "native" (the enclosing `kernel_scope`'s) the argmax and the log-normalizer come from
+    one CPU kernel (`jinfer.native.logit_stats`) instead of three reductions over the logits.
     """
     _require(0 <= num_top_logprobs <= MAX_LOGPROBS, "num_top_logprobs", num_top_logprobs, f"in [0, {MAX_LOGPROBS}]")
-    best = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
-    greedy = _first_index_of(logits == best)
+    if kernel_backend.resolve() == "native" and native.supports_logit_stats(logits):
+        _, greedy, normalizer = native.logit_stats(logits)
+    else:
+        best = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
+        greedy = _first_index_of(logits == best)
+        normalizer = best[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1))
     is_greedy = batch.temperature == 0
     tokens = lax.cond(
         jnp.all(is_greedy), lambda: greedy, lambda: jnp.where(is_greedy, greedy, _draw(logits, batch))
     )
-    normalizer = best[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1))
     logprob = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - normalizer
     rows = logits.shape[0]
     top_values, top_ids = lax.cond(

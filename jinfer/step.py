@@ -62,8 +62,8 @@ def forward_and_sample(params, kv_cache, batch: StepBatch, config: ModelConfig, 
         logits, kv_cache = Transformer(config, dtype).apply(
             {"params": params}, batch.tokens, batch.positions, backend, kv_cache, logits_index=batch.logits_index
         )
-    logits = penalised(logits, batch)
-    return kv_cache, StepOutput(sample(logits, batch.sampling, MAX_LOGPROBS), logits)
+        logits = penalised(logits, batch)
+        return kv_cache, StepOutput(sample(logits, batch.sampling, MAX_LOGPROBS), logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("kv_cache",))

@@ -6,12 +6,14 @@
   the whole matrix first. `jinfer.ops.matmul` calls them in kernel mode "native";
 - ragged attention over the float32 KV page pool, reading each row's keys and values in place
   instead of gathering its pages. `jinfer.ops.attention.PagedAttention` calls it in mode "native";
-- RMS normalization of float32 rows on the calling thread (`jinfer.models.layers.RMSNorm`).
+- RMS normalization of float32 rows on the calling thread (`jinfer.models.layers.RMSNorm`);
+- each row's maximum logit, its first index and log-sum-exp in two passes (`jinfer.sampling.sample`).
 """
 
 from jinfer.native.attention import paged_attention, supports_paged_attention
 from jinfer.native.library import TARGETS, available
 from jinfer.native.norm import rms_norm, supports_rms_norm
+from jinfer.native.sampling import logit_stats, supports_logit_stats
 from jinfer.native.matmul import MAX_ROWS, MAX_W8A8_ROWS, dense_matmul, quantized_matmul, supports_dense, supports_quantized
 
 __all__ = [
@@ -20,10 +22,12 @@ __all__ = [
     "TARGETS",
     "available",
     "dense_matmul",
+    "logit_stats",
     "paged_attention",
     "quantized_matmul",
     "rms_norm",
     "supports_dense",
+    "supports_logit_stats",
     "supports_paged_attention",
     "supports_quantized",
     "supports_rms_norm",

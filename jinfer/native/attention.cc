@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "vectors.h"
@@ -53,22 +54,6 @@ inline float max_lanes(f32x16 v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
   return m;
-}
-
-// exp of every lane: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor
-// series to r^7 (relative error ~1e-7). Lanes below -87 give ~0 (the masked scores).
-inline f32x16 exp_lanes(f32x16 x) {
-  const f32x16 lo = f32x16{} - 87.0f, hi = f32x16{} + 88.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  f32x16 n = (x * 1.44269504f + kRound) - kRound;
-  f32x16 r = x - n * 0.693145752f - n * 1.42860677e-6f;
-  f32x16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-  i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 // Page formats: float32 pages, or int8 pages with a float32 scale per position and KV head.
@@ -255,36 +240,34 @@ ffi::Error PagedAttentionInt8(ffi::ThreadPool pool, Queries q, Int8PageBuffer k_
   return Attention(pool, q, k_pages, pages, positions, query_start, kv_lens, page_table, scale, window, softcap, out);
 }
 
+// The arguments after the pages, the attributes and the result, the same for every page format.
+template <typename Binding>
+auto after_pages(Binding&& binding) {
+  return std::move(binding)
+      .template Arg<Indices>()
+      .template Arg<Indices>()
+      .template Arg<Indices>()
+      .template Arg<PageTable>()
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("window")
+      .template Attr<float>("softcap")
+      .template Ret<Queries>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_paged_attention_f32, PagedAttentionFloat32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Queries>()
-                                  .Arg<FloatPageBuffer>()
-                                  .Arg<FloatPageBuffer>()
-                                  .Arg<Indices>()
-                                  .Arg<Indices>()
-                                  .Arg<Indices>()
-                                  .Arg<PageTable>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<float>("softcap")
-                                  .Ret<Queries>());
+                              after_pages(ffi::Ffi::Bind()
+                                              .Ctx<ffi::ThreadPool>()
+                                              .Arg<Queries>()
+                                              .Arg<FloatPageBuffer>()
+                                              .Arg<FloatPageBuffer>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_paged_attention_int8, PagedAttentionInt8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Queries>()
-                                  .Arg<Int8PageBuffer>()
-                                  .Arg<Int8PageBuffer>()
-                                  .Arg<Scales>()
-                                  .Arg<Scales>()
-                                  .Arg<Indices>()
-                                  .Arg<Indices>()
-                                  .Arg<Indices>()
-                                  .Arg<PageTable>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<float>("softcap")
-                                  .Ret<Queries>());
+                              after_pages(ffi::Ffi::Bind()
+                                              .Ctx<ffi::ThreadPool>()
+                                              .Arg<Queries>()
+                                              .Arg<Int8PageBuffer>()
+                                              .Arg<Int8PageBuffer>()
+                                              .Arg<Scales>()
+                                              .Arg<Scales>()));

@@ -1,4 +1,4 @@
-"""Builds jinfer's CPU kernels (matmul.cc, attention.cc, norm.cc) with the machine's C++ compiler, once per source and
+"""Builds jinfer's CPU kernels (matmul.cc, attention.cc, norm.cc, sampling.cc) with the machine's C++ compiler, once per source and
 machine, and registers them with XLA as FFI targets.
 
 The shared library is cached under `JINFER_NATIVE_CACHE` (default `~/.cache/jinfer/native`), named
@@ -23,7 +23,7 @@ import jax
 import jaxlib
 from absl import logging
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("matmul.cc", "attention.cc", "norm.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("matmul.cc", "attention.cc", "norm.cc", "sampling.cc"))
 HEADERS = (pathlib.Path(__file__).with_name("vectors.h"),)
 TARGETS = (
     "jinfer_matmul_f32",
@@ -33,6 +33,7 @@ TARGETS = (
     "jinfer_paged_attention_f32",
     "jinfer_paged_attention_int8",
     "jinfer_rms_norm",
+    "jinfer_logit_stats",
 )
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
