@@ -76,7 +76,7 @@ class RMSNorm(nn.Module):
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)), (self.features,), self.dtype)
         x32 = x.astype(jnp.float32)
-        if self.dtype == jnp.float32 and kernel_backend.resolve() == "native" and native.supports_rms_norm(x32, scale):
+        if kernel_backend.resolve() == "native" and native.supports_rms_norm(x32, scale):
             return native.rms_norm(x32, scale, self.eps, self.offset)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.native import library
-
-LANES = 16  # float32 lanes per vector in attention.cc: the head dimension is a multiple of it
+from jinfer.native.library import LANES
 
 
 def supports_paged_attention(q, k_pages) -> bool:
@@ -28,12 +27,10 @@ def paged_attention(
     kv_lens: [R] int32; page_table: [R, P] int32 -> [T, H, D] float32 (padding tokens, past
     query_start[R], give 0).
     """
-    if not library.available():
-        raise RuntimeError("jinfer's CPU kernels did not build (see the warning logged): use kernels='reference'")
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     pages = (k_pages, v_pages) if k_scales is None else (k_pages, v_pages, k_scales, v_scales)
     target = "jinfer_paged_attention_f32" if k_scales is None else "jinfer_paged_attention_int8"
-    return jax.ffi.ffi_call(target, out)(
+    return library.ffi_call(target, out)(
         q, *pages, positions, query_start, kv_lens, page_table,
         scale=np.float32(scale), window=np.int64(window), softcap=np.float32(softcap or 0.0),
     )

@@ -35,6 +35,7 @@ TARGETS = (
     "jinfer_rms_norm",
     "jinfer_logit_stats",
 )
+LANES = 16  # float32 lanes per vector in the kernels: the sizes they vectorize over are multiples of it
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -99,3 +100,10 @@ def available() -> bool:
         logging.warning("jinfer's CPU kernels are unavailable, the XLA references run instead: %s", detail)
         return False
     return True
+
+
+def ffi_call(target: str, result_shapes):
+    """`jax.ffi.ffi_call` of one of TARGETS; RuntimeError if the kernels did not build."""
+    if not available():
+        raise RuntimeError("jinfer's CPU kernels did not build (see the warning logged): use kernels='reference'")
+    return jax.ffi.ffi_call(target, result_shapes)

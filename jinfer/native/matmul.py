@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.native import library
+from jinfer.native.library import LANES
 from jinfer.quantize import DynamicInt8Weights
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights
 
-LANES = 16  # float32 columns per vector in matmul.cc: K and the groups are multiples of it
 # Rows of x up to which the kernels beat XLA:CPU, by SmolLM2's layer shapes (WORKSPACE.md,
 # "Native CPU kernels"): float32 and weight-only int8 / int4 products up to 32 rows (XLA's GEMM
 # catches up with float32 weights there, and runs weight-only ones by dequantizing the matrix);
@@ -40,10 +40,8 @@ def supports_quantized(x, weights: QuantizedWeights) -> bool:
 
 def _call(target: str, x, *operands):
     """x: [M, K] -> [M, N] float32, N the first axis of operands[0]."""
-    if not library.available():
-        raise RuntimeError("jinfer's CPU kernels did not build (see the warning logged): use kernels='reference'")
     out = jax.ShapeDtypeStruct((x.shape[0], operands[0].shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(target, out)(x, *operands)
+    return library.ffi_call(target, out)(x, *operands)
 
 
 def dense_matmul(x, kernel):

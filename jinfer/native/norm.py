@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.native import library
-
-LANES = 16  # float32 lanes per vector in norm.cc: the feature count is a multiple of it
+from jinfer.native.library import LANES
 
 
 def supports_rms_norm(x, scale) -> bool:
@@ -18,10 +17,8 @@ def supports_rms_norm(x, scale) -> bool:
 
 def rms_norm(x, scale, eps: float, offset: float):
     """x: [..., D] float32; scale: [D] float32 -> [..., D] float32, x / rms(x) * (offset + scale)."""
-    if not library.available():
-        raise RuntimeError("jinfer's CPU kernels did not build (see the warning logged): use kernels='reference'")
     rows = x.reshape(-1, x.shape[-1])
-    out = jax.ffi.ffi_call("jinfer_rms_norm", jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
+    out = library.ffi_call("jinfer_rms_norm", jax.ShapeDtypeStruct(rows.shape, jnp.float32))(
         rows, scale, eps=np.float32(eps), offset=np.float32(offset)
     )
     return out.reshape(x.shape)
