@@ -14,8 +14,11 @@ quantized blocks as they are (`jinfer.checkpoint.gguf_quant`), with no float det
 int8 weights with one scale per output channel as `DynamicInt8Weights`, whose XLA matmul also
 quantizes the activations, per row, to int8 and multiplies int8 x int8 into int32
 (`jinfer.ops.matmul`): XLA:CPU hands that product to its int8 GEMM, several times faster than the
-dequantize-then-float-dot of weight-only int8. It changes the model's outputs (the activations
-are rounded), which the perplexity table measures.
+dequantize-then-float-dot of weight-only int8. "w4a8" stores asymmetric int4 weights in groups of
+`group_size` as `W4A8Weights`, in panels of 8 rows for jinfer's CPU kernel, whose matmul rounds the
+activations to int8 per block of 32 columns and multiplies 4-bit by 8-bit integers (as llama.cpp
+multiplies its 4-bit blocks by 8-bit activations). Both change the model's outputs (the
+activations are rounded), which the perplexity table measures.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedW
 
 GGUF = "gguf"
 W8A8 = "w8a8"
-MODES = ("int8", "int4", GGUF, W8A8)
+W4A8 = "w4a8"
+MODES = ("int8", "int4", GGUF, W8A8, W4A8)
 GROUP_SIZES = (32, 64, 128)
 # Linear layers whose kernel has more than one input axis: o_proj contracts (heads, head_dim).
 INPUT_AXES = {"o_proj": 2}
@@ -44,8 +48,8 @@ def check_mode(mode: str | None, group_size: int | None) -> None:
     """Raises ValueError naming the bad value; mode None means no quantization."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"quantize={mode!r} is not one of {MODES}")
-    if mode == "int4" and group_size is None:
-        raise ValueError("int4 quantization needs a group_size (32, 64 or 128)")
+    if mode in ("int4", W4A8) and group_size is None:
+        raise ValueError(f"{mode} quantization needs a group_size (32, 64 or 128)")
     if mode == GGUF and group_size is not None:
         raise ValueError(f"quantize='gguf' keeps the file's own groups; group_size={group_size} does not apply")
     if mode == W8A8 and group_size is not None:
@@ -109,7 +113,12 @@ def _quantized(kernel, shape: tuple[int, int], mode: str, group_size: int | None
     if mode == W8A8:
         weights = jax.jit(quantize_int8)(matrix)
         return DynamicInt8Weights(values=weights.values, scales=weights.scales)
-    return jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, False)
+    weights = jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, False)
+    if mode == W4A8:
+        if shape[0] % PANEL_ROWS:
+            raise ValueError(f"{name}: quantize='w4a8' stores panels of {PANEL_ROWS} rows; its {shape[0]} output features are not a multiple")
+        return W4A8Weights.from_int4(weights)
+    return weights
 
 
 @jax.tree_util.register_dataclass
@@ -119,8 +128,66 @@ class DynamicInt8Weights(Int8Weights):
     activations too (quantize="w8a8"); the Pallas kernels multiply them as plain int8 weights."""
 
 
+PANEL_ROWS = 8  # weight rows per panel of W4A8Weights
+PANEL_CHUNK = 4  # bytes of a row per chunk of W4A8Weights' packed panels
+
+
+def interleave_panels(a, chunk: int):
+    """a: [N, C] -> [N, C]: in each panel of 8 rows, chunk 0 of rows 0..7, then chunk 1 of rows 0..7, ...
+    (N % 8 == 0, C % chunk == 0)."""
+    n, c = a.shape
+    return a.reshape(n // PANEL_ROWS, PANEL_ROWS, c // chunk, chunk).transpose(0, 2, 1, 3).reshape(n, c)
+
+
+def deinterleave_panels(a, chunk: int):
+    """The inverse of `interleave_panels`: a: [N, C] in panels -> [N, C] in rows."""
+    n, c = a.shape
+    return a.reshape(n // PANEL_ROWS, c // chunk, PANEL_ROWS, chunk).transpose(0, 2, 1, 3).reshape(n, c)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class W4A8Weights:
+    """Asymmetric int4 weights (`w = q * scale + min`) whose matmul rounds the activations to int8 per
+    block of 32 columns (quantize="w4a8"). The arrays are Int4Weights' (half-split nibbles, a scale
+    and a min per row and group) with the rows of each panel of 8 interleaved (`interleave_panels`):
+    4 bytes of row 0, of row 1, ... of row 7, then the next 4 bytes of each; the scales and mins one
+    group at a time. jinfer's CPU kernel (jinfer/native/matmul_w4a8.cc) multiplies a panel's 8 rows
+    in the 8 lanes of a vector; the other paths take `as_int4()`."""
+
+    packed: jax.Array  # [N, K // 2] uint8, in panels
+    scales: jax.Array  # [N, K // G] float32, in panels
+    mins: jax.Array  # [N, K // G] float32, in panels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The dense weight's shape `(N, K)`."""
+        return (self.packed.shape[0], 2 * self.packed.shape[1])
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] // self.scales.shape[1]
+
+    @classmethod
+    def from_int4(cls, weights: Int4Weights) -> "W4A8Weights":
+        """weights: asymmetric Int4Weights of N % 8 == 0 rows."""
+        return cls(
+            packed=interleave_panels(weights.packed, PANEL_CHUNK),
+            scales=interleave_panels(weights.scales, 1),
+            mins=interleave_panels(weights.mins, 1),
+        )
+
+    def as_int4(self) -> Int4Weights:
+        """The same weights as Int4Weights, rows in order."""
+        return Int4Weights(
+            packed=deinterleave_panels(self.packed, PANEL_CHUNK),
+            scales=deinterleave_panels(self.scales, 1),
+            mins=deinterleave_panels(self.mins, 1),
+        )
+
+
 def is_quantized(leaf) -> bool:
-    return isinstance(leaf, (Int8Weights, Int4Weights))
+    return isinstance(leaf, (Int8Weights, Int4Weights, W4A8Weights))
 
 
 def describe(weights: QuantizedWeights) -> dict:
@@ -128,6 +195,8 @@ def describe(weights: QuantizedWeights) -> dict:
     with its "group_size" (None: int8 with one scale per output channel)."""
     if isinstance(weights, DynamicInt8Weights):
         return {"layout": "int8", "group_size": None, "activations": "int8"}
+    if isinstance(weights, W4A8Weights):
+        return {"layout": "int4", "group_size": weights.group_size, "symmetric": False, "activations": "int8"}
     if isinstance(weights, Int8Weights):
         per_channel = weights.scales.shape[1] == 1
         return {"layout": "int8", "group_size": None if per_channel else weights.group_size}
@@ -158,6 +227,10 @@ def _abstract_layout(name: str, shape: tuple[int, int], entry: dict):
         if cols % 2:
             raise ValueError(f"{name}: int4 weights need an even number of input features, the config gives {cols}")
         mins = None if entry.get("symmetric") else scales
+        if entry.get("activations") == "int8":
+            if entry.get("symmetric") or rows % PANEL_ROWS:
+                raise ValueError(f"{name}: w4a8 weights are asymmetric in panels of {PANEL_ROWS} rows; the checkpoint records symmetric={entry.get('symmetric')!r} for {rows} rows")
+            return W4A8Weights(packed=jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8), scales=scales, mins=mins)
         return Int4Weights(packed=jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8), scales=scales, mins=mins)
     raise ValueError(f"{name}: the checkpoint records layout {entry.get('layout')!r}; expected 'int8' or 'int4'")
 
@@ -199,6 +272,7 @@ def abstract_quantized_like(abstract_params, mode: str | None, group_size: int |
         "int8": {"layout": "int8", "group_size": group_size},
         W8A8: {"layout": "int8", "group_size": None, "activations": "int8"},
         "int4": {"layout": "int4", "group_size": group_size, "symmetric": False},
+        W4A8: {"layout": "int4", "group_size": group_size, "symmetric": False, "activations": "int8"},
     }[mode]
     paths = [path for path in traverse_util.flatten_dict(abstract_params) if is_quantizable(path) and (lm_head or path[-2] != "lm_head")]
     if lm_head and ties_lm_head(abstract_params):

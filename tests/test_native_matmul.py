@@ -16,8 +16,8 @@ from jinfer.config import EngineConfig
 from jinfer.engine.engine import Engine
 from jinfer.native import library
 from jinfer.ops import backend
-from jinfer.ops.matmul import dense_matmul, int8_dynamic_matmul, quantized_matmul
-from jinfer.quantize import DynamicInt8Weights
+from jinfer.ops.matmul import dense_matmul, int4_dynamic_matmul, int8_dynamic_matmul, quantized_matmul, round_activation_blocks
+from jinfer.quantize import DynamicInt8Weights, W4A8Weights
 from jinfer.sampling import SamplingParams
 from pallas_kernels.quantized_matmul import quantize_int4, quantize_int8, quantized_matmul_reference
 from pallas_kernels.testing import assert_close, random_normal, scaled_error
@@ -76,6 +76,48 @@ def test_w8a8_rounds_the_activations_as_the_int8_gemm_does(m):
     assert scaled_error(native_result, quantized_matmul(x, weights, kernels="native")) > 1e-3, "activations were not rounded"
 
 
+def _w4a8(n: int, k: int, group: int, seed: int = 1) -> W4A8Weights:
+    return W4A8Weights.from_int4(quantize_int4(jnp.asarray(random_normal(seed, (n, k))), group, False))
+
+
+# Rows of x: the 4-row tile and its remainders, past the other kernels' limit, a prefill chunk.
+# Output rows: one panel of 8, a tile of two panels, three panels (a tile and a one-panel tile), a
+# unit of four panels and part of the next.
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 9, native.MAX_ROWS + 7))
+@pytest.mark.parametrize("n", (8, 16, 24, 48))
+@pytest.mark.parametrize("k, group", ((64, 32), (576, 32), (576, 64), (640, 128)))
+def test_w4a8_kernel_matches_the_rounding_reference(m, n, k, group):
+    x, weights = jnp.asarray(random_normal(m + k, (m, k))), _w4a8(n, k, group)
+    assert native.supports_quantized(x, weights)
+    assert_close(native.quantized_matmul(x, weights), int4_dynamic_matmul(x, weights))
+
+
+def test_w4a8_rounds_the_activations_per_block_of_32():
+    x = random_normal(0, (3, 128))
+    x[1, 40] = 1e3  # an outlier coarsens only its own block's steps
+    x[2, :32] = 0.0  # an all-zero block (scale 0) rounds to zeros
+    rounded = np.asarray(round_activation_blocks(jnp.asarray(x)))
+    blocks = x.reshape(3, 4, 32)
+    steps = np.abs(blocks).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(rounded.reshape(3, 4, 32) - blocks) <= steps / 2 + 1e-6)
+    assert np.allclose(rounded[1, 64:], x[1, 64:], atol=0.02) and not np.allclose(rounded[1, 32:64], x[1, 32:64], atol=0.02)
+    assert np.all(rounded[2, :32] == 0)
+    weights = _w4a8(16, 128, 32)
+    got = native.quantized_matmul(jnp.asarray(x), weights)
+    assert_close(got, int4_dynamic_matmul(jnp.asarray(x), weights))
+    assert scaled_error(got, quantized_matmul_reference(jnp.asarray(x), weights.as_int4())) > 1e-4, "activations were not rounded"
+
+
+def test_w4a8_panels_hold_the_int4_weights():
+    int4 = quantize_int4(jnp.asarray(random_normal(3, (24, 128))), 32, False)
+    panels = W4A8Weights.from_int4(int4)
+    assert panels.shape == int4.shape and panels.group_size == 32
+    assert not np.array_equal(panels.packed, int4.packed), "the rows were not interleaved"
+    np.testing.assert_array_equal(panels.packed[0, :8], np.concatenate([int4.packed[0, :4], int4.packed[1, :4]]))
+    for got, want in zip(jax.tree.leaves(panels.as_int4()), jax.tree.leaves(int4)):
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("m", (5, native.MAX_ROWS))  # float32's dot-product and outer-product forms
 def test_a_nan_reaches_only_its_own_row_and_column(m):
     """A stray read across rows of x or of the weights would spread the NaN."""
@@ -89,6 +131,8 @@ def test_a_nan_reaches_only_its_own_row_and_column(m):
     q = dataclasses.replace(q, scales=q.scales.at[33].set(np.nan))
     y = np.asarray(native.quantized_matmul(jnp.asarray(np.nan_to_num(x)), q))
     assert np.all(np.isnan(y[:, 33])) and np.isfinite(np.delete(y, 33, axis=1)).all()
+    y = np.asarray(native.quantized_matmul(jnp.asarray(x), _w4a8(72, 64, 32)))
+    assert np.all(np.isnan(y[2])) and np.isfinite(np.delete(y, 2, axis=0)).all()
 
 
 def _runs_native(fn, *args) -> bool:
@@ -115,6 +159,13 @@ def test_dispatch_hands_the_kernels_only_the_shapes_they_take():
     assert not native.supports_quantized(jnp.ones((3, 48)), odd_halves)
     np.testing.assert_allclose(
         quantized_matmul(jnp.ones((3, 48)), odd_halves, kernels="native"), quantized_matmul_reference(jnp.ones((3, 48)), odd_halves)
+    )
+    panels = _w4a8(8, 64, 32)
+    assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), many, panels), "w4a8 takes any number of rows"
+    odd_blocks = _w4a8(8, 96, 32)  # K / 2 = 48 is not whole blocks of 32
+    assert not _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), jnp.ones((3, 96)), odd_blocks)
+    np.testing.assert_allclose(
+        quantized_matmul(jnp.ones((3, 96)), odd_blocks, kernels="native"), int4_dynamic_matmul(jnp.ones((3, 96)), odd_blocks)
     )
 
 
@@ -173,10 +224,10 @@ def _greedy_run(model, kernels: str) -> tuple[list[list[int]], np.ndarray]:
     return [r.output_ids for r in requests], np.concatenate(logits)
 
 
-@pytest.mark.parametrize("quantize", (None, "int8", "int4"))
+@pytest.mark.parametrize("quantize", (None, "int8", "int4", "w4a8"))
 def test_engine_with_native_kernels_gives_the_reference_tokens(tmp_path, monkeypatch, quantize):
     save_tiny_model("llama", tmp_path)
-    model = jinfer.load(tmp_path, quantize=quantize, group_size=32 if quantize == "int4" else None)
+    model = jinfer.load(tmp_path, quantize=quantize, group_size=32 if quantize in ("int4", "w4a8") else None)
     calls = []
     for name in ("dense_matmul", "quantized_matmul"):
         traced = getattr(native, name)

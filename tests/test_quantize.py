@@ -23,7 +23,8 @@ from jinfer.cache import page_bytes, plan_device_memory
 from jinfer.config import EngineConfig, read_preset
 from jinfer.engine.engine import Engine
 from jinfer.model import abstract_params, count_params, full_forward
-from jinfer.quantize import abstract_quantized_like, is_quantized, parameter_bytes, quantize_params
+from jinfer.ops.matmul import round_activation_blocks
+from jinfer.quantize import W4A8Weights, abstract_quantized_like, is_quantized, parameter_bytes, quantize_params
 from jinfer.sampling import SamplingParams
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, dequantize
 from pallas_kernels.testing import assert_close
@@ -73,6 +74,33 @@ def tied_dir(tmp_path_factory):
     return directory
 
 
+def test_w4a8_holds_the_int4_weights_and_rounds_the_activations(tiny_dir, float_model, tmp_path):
+    int4 = jinfer.load(tiny_dir, quantize="int4", group_size=32)
+    w4a8 = jinfer.load(tiny_dir, quantize="w4a8", group_size=32)
+    panels = quantized_leaves(w4a8.params)
+    assert len(panels) == 7 * float_model.config.num_layers + 1 and all(isinstance(leaf, W4A8Weights) for leaf in panels)
+    for got, want in zip(panels, quantized_leaves(int4.params)):
+        for a, b in zip(jax.tree.leaves(got.as_int4()), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    logits = w4a8.logits(TOKENS)
+    assert_close(logits, int4.logits(TOKENS), atol=0.05)
+    assert not np.allclose(logits, int4.logits(TOKENS), atol=1e-5), "the activations were not rounded"
+    convert(tiny_dir, tmp_path / "w4a8", quantize="w4a8", group_size=32)
+    restored = jinfer.load(tmp_path / "w4a8")
+    record = json.loads((tmp_path / "w4a8" / "config.json").read_text())["quantization"]
+    assert record["tensors"]["layer_0/mlp/up_proj/kernel"] == {"layout": "int4", "group_size": 32, "symmetric": False, "activations": "int8"}
+    planned = abstract_quantized_like(flax.linen.unbox(abstract_params(restored.config)), "w4a8", 32)
+    assert jax.tree.structure(restored.params) == jax.tree.structure(planned)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), restored.params) == jax.tree.map(lambda a: (a.shape, a.dtype), planned)
+    np.testing.assert_array_equal(restored.logits(TOKENS), logits)
+
+
+def test_w4a8_needs_whole_panels_of_rows():
+    params = {"layer_0": {"attn": {"q_proj": {"kernel": jnp.ones((12, 64))}}}}
+    with pytest.raises(ValueError, match="q_proj/kernel: quantize='w4a8' stores panels of 8 rows; its 12 output features"):
+        quantize_params(params, "w4a8", 32)
+
+
 def test_a_tied_lm_head_multiplies_by_a_quantized_copy_of_the_embedding(tied_dir, tmp_path):
     float_model = jinfer.load(tied_dir)
     quantized = jinfer.load(tied_dir, quantize="int8")
@@ -106,6 +134,7 @@ def test_the_engine_serves_a_quantized_model(tiny_dir):
     [
         ({"quantize": "int3"}, "int3"),
         ({"quantize": "int4"}, "group_size"),
+        ({"quantize": "w4a8"}, "w4a8 quantization needs a group_size"),
         ({"quantize": "int8", "group_size": 48}, "group_size=48"),
         ({"quantize": "gguf", "group_size": 32}, "group_size=32 does not apply"),
     ],

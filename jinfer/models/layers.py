@@ -15,7 +15,7 @@ from jinfer import native
 from jinfer.config import ModelConfig, RopeConfig
 from jinfer.ops import backend as kernel_backend
 from jinfer.ops.matmul import dense_matmul, quantized_matmul
-from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights
+from jinfer.quantize import is_quantized
 
 DType = Any
 INIT_STDDEV = 0.02
@@ -44,7 +44,7 @@ class Linear(nn.Module):
         lead = x.shape[: x.ndim - n_in]
         fan_in, fan_out = math.prod(self.in_features), math.prod(self.out_features)
         stored = None if self.is_initializing() else self.get_variable("params", "kernel")
-        if isinstance(stored, (Int8Weights, Int4Weights)):  # from jinfer.quantize, already [fan_out, fan_in]
+        if is_quantized(stored):  # from jinfer.quantize, already [fan_out, fan_in]
             y = quantized_matmul(x.reshape(-1, fan_in), stored).astype(jnp.float32)
         else:
             kernel = self.param(

@@ -18,8 +18,7 @@ from jinfer.models.layers import INIT_STDDEV, GatedMLP, Linear, RMSNorm, apply_r
 from jinfer.models.moe import MoEBlock
 from jinfer.ops.attention import LayerAttention
 from jinfer.ops.matmul import dense_matmul, quantized_matmul
-from jinfer.quantize import TIED_LM_HEAD
-from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights
+from jinfer.quantize import TIED_LM_HEAD, is_quantized
 
 
 def layer_attention(config: ModelConfig, layer_index: int) -> LayerAttention:
@@ -90,7 +89,7 @@ def tied_lm_head(module: nn.Module, x, embedding):
     if not module.has_variable("params", TIED_LM_HEAD):
         return dense_matmul(x, embedding)
     head = module.get_variable("params", TIED_LM_HEAD)["kernel"]
-    if isinstance(head, (Int8Weights, Int4Weights)):
+    if is_quantized(head):
         return quantized_matmul(x, head).astype(jnp.float32)
     return dense_matmul(x, head)
 

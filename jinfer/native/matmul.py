@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jinfer.native import library
 from jinfer.native.library import LANES
-from jinfer.quantize import DynamicInt8Weights
+from jinfer.quantize import DynamicInt8Weights, W4A8Weights
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights
 
 # Rows of x up to which the kernels beat XLA:CPU, by SmolLM2's layer shapes (WORKSPACE.md,
@@ -16,6 +16,7 @@ from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedW
 # w8a8 up to 16, past which XLA's int8 x int8 GEMM is faster.
 MAX_ROWS = 32
 MAX_W8A8_ROWS = 16
+W4A8_BLOCK = 32  # columns of x per int8 scale in the w4a8 kernel (jinfer.ops.matmul.ACTIVATION_BLOCK)
 
 
 def _takes(x, fan_in: int, max_rows: int) -> bool:
@@ -28,10 +29,12 @@ def supports_dense(x, kernel) -> bool:
     return kernel.dtype == jnp.float32 and _takes(x, kernel.shape[1], MAX_ROWS)
 
 
-def supports_quantized(x, weights: QuantizedWeights) -> bool:
+def supports_quantized(x, weights: QuantizedWeights | W4A8Weights) -> bool:
     """x: [M, K]; weights of dense shape [N, K] whose groups are whole vectors (int4: K split in two
-    halves of whole vectors too)."""
+    halves of whole vectors too; w4a8: of 32-column blocks, for any number of rows of x)."""
     fan_in = weights.shape[1]
+    if isinstance(weights, W4A8Weights):
+        return fan_in % (2 * W4A8_BLOCK) == 0 and _takes(x, fan_in, x.shape[0])
     if isinstance(weights, Int4Weights) and fan_in % (2 * LANES):
         return False
     max_rows = MAX_W8A8_ROWS if isinstance(weights, DynamicInt8Weights) else MAX_ROWS
@@ -49,9 +52,12 @@ def dense_matmul(x, kernel):
     return _call("jinfer_matmul_f32", x, kernel)
 
 
-def quantized_matmul(x, weights: QuantizedWeights):
+def quantized_matmul(x, weights: QuantizedWeights | W4A8Weights):
     """x: [M, K] float32; weights: Int8Weights / Int4Weights of dense shape [N, K] -> [M, N] float32,
-    `x @ dequantize(weights).T` (`supports_quantized`)."""
+    `x @ dequantize(weights).T`; W4A8Weights: x rounded as jinfer.ops.matmul.round_activation_blocks
+    rounds it, times the weights (`supports_quantized`)."""
+    if isinstance(weights, W4A8Weights):
+        return _call("jinfer_matmul_w4a8", x, weights.packed, weights.scales, weights.mins)
     if isinstance(weights, Int8Weights):
         return _call("jinfer_matmul_int8", x, weights.values, weights.scales)
     if weights.symmetric:

@@ -11,7 +11,7 @@
 #include <memory>
 #include <thread>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVXVNNI__)
 #include <immintrin.h>
 #endif
 
@@ -24,6 +24,9 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+typedef int8_t i8x32 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 16;
 
 inline f32x16 load_f32(const float* p) {
@@ -36,6 +39,18 @@ inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
 inline u8x16 load_u8(const uint8_t* p) {
   u8x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline u8x32 load_u8x32(const uint8_t* p) {
+  u8x32 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline i8x32 load_i8x32(const int8_t* p) {
+  i8x32 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
@@ -57,6 +72,26 @@ inline float sum_lanes(f32x16 v) {
   f32x4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
+
+inline float sum_lanes(f32x8 v) {
+  f32x4 q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Lane l: acc[l] plus the sum of a[4l + t] * b[4l + t] over t < 4 (unsigned times signed bytes,
+// exact in int32).
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+inline i32x8 dot_u8_i8(i32x8 acc, u8x32 a, i8x32 b) { return (i32x8)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)a, (__m256i)b); }
+#elif defined(__AVXVNNI__)
+inline i32x8 dot_u8_i8(i32x8 acc, u8x32 a, i8x32 b) { return (i32x8)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)a, (__m256i)b); }
+#else
+inline i32x8 dot_u8_i8(i32x8 acc, u8x32 a, i8x32 b) {
+  typedef int32_t i32x32 __attribute__((vector_size(128)));
+  i32x32 p = __builtin_convertvector(a, i32x32) * __builtin_convertvector(b, i32x32);
+  return acc + __builtin_shufflevector(p, p, 0, 4, 8, 12, 16, 20, 24, 28) + __builtin_shufflevector(p, p, 1, 5, 9, 13, 17, 21, 25, 29) +
+         __builtin_shufflevector(p, p, 2, 6, 10, 14, 18, 22, 26, 30) + __builtin_shufflevector(p, p, 3, 7, 11, 15, 19, 23, 27, 31);
+}
+#endif
 
 // exp of every lane: 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2) / 2, e^r by its Taylor
 // series to r^7 (relative error ~1e-7). Lanes below -87 give ~0.
