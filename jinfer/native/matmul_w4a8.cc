@@ -22,6 +22,7 @@
 // K % 64 == 0 and groups of a multiple of 32 columns: jinfer/native/matmul.py checks before calling.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -70,6 +71,10 @@ RoundedActivations round_activations(const float* x, int64_t m, int64_t k, int64
       for (int l = 0; l < kLanes; ++l) scale = std::max(scale, largest[l]);
       scale /= 127.0f;
       float divisor = scale == 0.0f ? 1.0f : scale;
+      if (!std::isfinite(sum_lanes(first + second))) {  // a NaN or infinity: NaN products, as in the reference
+        scale = NAN;
+        first = second = f32x16{};
+      }
       f32x16 low = round_lanes(first / divisor), high = round_lanes(second / divisor);
       int8_t* values = r.values.data() + i * k + b * kBlock;
       for (int l = 0; l < kLanes; ++l) values[l] = static_cast<int8_t>(low[l]), values[kLanes + l] = static_cast<int8_t>(high[l]);
