@@ -14,7 +14,7 @@ from jinfer.config import SERVING_DEFAULTS, EngineConfig
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "GGUF file, HF safetensors directory, jinfer checkpoint or preset (default: SmolLM2-135M-Instruct).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
-flags.DEFINE_enum("quantize", None, ["int8", "int4", "gguf", "w8a8", "w4a8"], "Quantization of the linear layers on load (gguf: a GGUF file's quantized weights as stored; w8a8: int8 weights and dynamically quantized int8 activations; w4a8: int4 weights in groups of --group_size and int8 activations); convert: write them quantized.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4", "gguf", "w8a8", "w4a8", "w4a16"], "Quantization of the linear layers on load (gguf: a GGUF file's quantized weights as stored; w8a8: int8 weights and dynamically quantized int8 activations; w4a8 / w4a16: int4 weights in groups of --group_size and activations rounded to 8 / 16 bits); convert: write them quantized.")
 flags.DEFINE_bool("quantize_lm_head", True, "With --quantize: quantize the LM head too (a tied head gets a quantized copy of the embedding).")
 flags.DEFINE_integer("group_size", None, "Quantization group size (32, 64 or 128; int8 default: one scale per output channel).")
 flags.DEFINE_enum("speculative", None, ["ngram", "self", "draft", "heads"], "Speculative decoding: n-gram prompt lookup, self-drafting (the first layers), --draft_model, or --draft_heads; bench: measure it against plain decoding.")

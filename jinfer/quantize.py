@@ -15,10 +15,11 @@ int8 weights with one scale per output channel as `DynamicInt8Weights`, whose XL
 quantizes the activations, per row, to int8 and multiplies int8 x int8 into int32
 (`jinfer.ops.matmul`): XLA:CPU hands that product to its int8 GEMM, several times faster than the
 dequantize-then-float-dot of weight-only int8. "w4a8" stores asymmetric int4 weights in groups of
-`group_size` as `W4A8Weights`, in panels of 8 rows for jinfer's CPU kernel, whose matmul rounds the
+`group_size` as `PanelInt4Weights`, in panels of 8 rows for jinfer's CPU kernel, whose matmul rounds the
 activations to int8 per block of 32 columns and multiplies 4-bit by 8-bit integers (as llama.cpp
-multiplies its 4-bit blocks by 8-bit activations). Both change the model's outputs (the
-activations are rounded), which the perplexity table measures.
+multiplies its 4-bit blocks by 8-bit activations); "w4a16" rounds them to 16 bits per block (two
+int8 parts, within 1/65,000 of the block's largest value) and multiplies each part. All three change
+the model's outputs (the activations are rounded), which the perplexity table measures.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedW
 GGUF = "gguf"
 W8A8 = "w8a8"
 W4A8 = "w4a8"
-MODES = ("int8", "int4", GGUF, W8A8, W4A8)
+W4A16 = "w4a16"
+PANEL_MODES = {W4A8: 8, W4A16: 16}  # mode -> bits the activations are rounded to
+MODES = ("int8", "int4", GGUF, W8A8, W4A8, W4A16)
 GROUP_SIZES = (32, 64, 128)
 # Linear layers whose kernel has more than one input axis: o_proj contracts (heads, head_dim).
 INPUT_AXES = {"o_proj": 2}
@@ -48,7 +51,7 @@ def check_mode(mode: str | None, group_size: int | None) -> None:
     """Raises ValueError naming the bad value; mode None means no quantization."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"quantize={mode!r} is not one of {MODES}")
-    if mode in ("int4", W4A8) and group_size is None:
+    if mode in ("int4", *PANEL_MODES) and group_size is None:
         raise ValueError(f"{mode} quantization needs a group_size (32, 64 or 128)")
     if mode == GGUF and group_size is not None:
         raise ValueError(f"quantize='gguf' keeps the file's own groups; group_size={group_size} does not apply")
@@ -114,10 +117,10 @@ def _quantized(kernel, shape: tuple[int, int], mode: str, group_size: int | None
         weights = jax.jit(quantize_int8)(matrix)
         return DynamicInt8Weights(values=weights.values, scales=weights.scales)
     weights = jax.jit(quantize_int4, static_argnums=(1, 2))(matrix, group_size, False)
-    if mode == W4A8:
+    if mode in PANEL_MODES:
         if shape[0] % PANEL_ROWS:
-            raise ValueError(f"{name}: quantize='w4a8' stores panels of {PANEL_ROWS} rows; its {shape[0]} output features are not a multiple")
-        return W4A8Weights.from_int4(weights)
+            raise ValueError(f"{name}: quantize={mode!r} stores panels of {PANEL_ROWS} rows; its {shape[0]} output features are not a multiple")
+        return PanelInt4Weights.from_int4(weights, PANEL_MODES[mode])
     return weights
 
 
@@ -128,8 +131,8 @@ class DynamicInt8Weights(Int8Weights):
     activations too (quantize="w8a8"); the Pallas kernels multiply them as plain int8 weights."""
 
 
-PANEL_ROWS = 8  # weight rows per panel of W4A8Weights
-PANEL_CHUNK = 4  # bytes of a row per chunk of W4A8Weights' packed panels
+PANEL_ROWS = 8  # weight rows per panel of PanelInt4Weights
+PANEL_CHUNK = 4  # bytes of a row per chunk of PanelInt4Weights' packed panels
 
 
 def interleave_panels(a, chunk: int):
@@ -147,9 +150,9 @@ def deinterleave_panels(a, chunk: int):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class W4A8Weights:
-    """Asymmetric int4 weights (`w = q * scale + min`) whose matmul rounds the activations to int8 per
-    block of 32 columns (quantize="w4a8"). The arrays are Int4Weights' (half-split nibbles, a scale
+class PanelInt4Weights:
+    """Asymmetric int4 weights (`w = q * scale + min`) whose matmul rounds the activations to
+    `activation_bits` (8: quantize="w4a8", 16: "w4a16") per block of 32 columns. The arrays are Int4Weights' (half-split nibbles, a scale
     and a min per row and group) with the rows of each panel of 8 interleaved (`interleave_panels`):
     4 bytes of row 0, of row 1, ... of row 7, then the next 4 bytes of each; the scales and mins one
     group at a time. jinfer's CPU kernel (jinfer/native/matmul_w4a8.cc) multiplies a panel's 8 rows
@@ -158,6 +161,7 @@ class W4A8Weights:
     packed: jax.Array  # [N, K // 2] uint8, in panels
     scales: jax.Array  # [N, K // G] float32, in panels
     mins: jax.Array  # [N, K // G] float32, in panels
+    activation_bits: int = dataclasses.field(metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -169,12 +173,13 @@ class W4A8Weights:
         return self.shape[1] // self.scales.shape[1]
 
     @classmethod
-    def from_int4(cls, weights: Int4Weights) -> "W4A8Weights":
+    def from_int4(cls, weights: Int4Weights, activation_bits: int) -> "PanelInt4Weights":
         """weights: asymmetric Int4Weights of N % 8 == 0 rows."""
         return cls(
             packed=interleave_panels(weights.packed, PANEL_CHUNK),
             scales=interleave_panels(weights.scales, 1),
             mins=interleave_panels(weights.mins, 1),
+            activation_bits=activation_bits,
         )
 
     def as_int4(self) -> Int4Weights:
@@ -187,7 +192,7 @@ class W4A8Weights:
 
 
 def is_quantized(leaf) -> bool:
-    return isinstance(leaf, (Int8Weights, Int4Weights, W4A8Weights))
+    return isinstance(leaf, (Int8Weights, Int4Weights, PanelInt4Weights))
 
 
 def describe(weights: QuantizedWeights) -> dict:
@@ -195,8 +200,8 @@ def describe(weights: QuantizedWeights) -> dict:
     with its "group_size" (None: int8 with one scale per output channel)."""
     if isinstance(weights, DynamicInt8Weights):
         return {"layout": "int8", "group_size": None, "activations": "int8"}
-    if isinstance(weights, W4A8Weights):
-        return {"layout": "int4", "group_size": weights.group_size, "symmetric": False, "activations": "int8"}
+    if isinstance(weights, PanelInt4Weights):
+        return {"layout": "int4", "group_size": weights.group_size, "symmetric": False, "activations": f"int{weights.activation_bits}"}
     if isinstance(weights, Int8Weights):
         per_channel = weights.scales.shape[1] == 1
         return {"layout": "int8", "group_size": None if per_channel else weights.group_size}
@@ -227,10 +232,15 @@ def _abstract_layout(name: str, shape: tuple[int, int], entry: dict):
         if cols % 2:
             raise ValueError(f"{name}: int4 weights need an even number of input features, the config gives {cols}")
         mins = None if entry.get("symmetric") else scales
-        if entry.get("activations") == "int8":
-            if entry.get("symmetric") or rows % PANEL_ROWS:
-                raise ValueError(f"{name}: w4a8 weights are asymmetric in panels of {PANEL_ROWS} rows; the checkpoint records symmetric={entry.get('symmetric')!r} for {rows} rows")
-            return W4A8Weights(packed=jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8), scales=scales, mins=mins)
+        activations = entry.get("activations")
+        if activations is not None:
+            if activations not in ("int8", "int16") or entry.get("symmetric") or rows % PANEL_ROWS:
+                raise ValueError(
+                    f"{name}: int4 weights with rounded activations are asymmetric, in panels of {PANEL_ROWS} rows, with int8 or "
+                    f"int16 activations; the checkpoint records activations={activations!r}, symmetric={entry.get('symmetric')!r} for {rows} rows"
+                )
+            packed = jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8)
+            return PanelInt4Weights(packed=packed, scales=scales, mins=mins, activation_bits=int(activations.removeprefix("int")))
         return Int4Weights(packed=jax.ShapeDtypeStruct((rows, cols // 2), jnp.uint8), scales=scales, mins=mins)
     raise ValueError(f"{name}: the checkpoint records layout {entry.get('layout')!r}; expected 'int8' or 'int4'")
 
@@ -273,6 +283,7 @@ def abstract_quantized_like(abstract_params, mode: str | None, group_size: int |
         W8A8: {"layout": "int8", "group_size": None, "activations": "int8"},
         "int4": {"layout": "int4", "group_size": group_size, "symmetric": False},
         W4A8: {"layout": "int4", "group_size": group_size, "symmetric": False, "activations": "int8"},
+        W4A16: {"layout": "int4", "group_size": group_size, "symmetric": False, "activations": "int16"},
     }[mode]
     paths = [path for path in traverse_util.flatten_dict(abstract_params) if is_quantizable(path) and (lm_head or path[-2] != "lm_head")]
     if lm_head and ties_lm_head(abstract_params):

@@ -17,7 +17,7 @@ from jinfer.engine.engine import Engine
 from jinfer.native import library
 from jinfer.ops import backend
 from jinfer.ops.matmul import dense_matmul, int4_dynamic_matmul, int8_dynamic_matmul, quantized_matmul, round_activation_blocks
-from jinfer.quantize import DynamicInt8Weights, W4A8Weights
+from jinfer.quantize import DynamicInt8Weights, PanelInt4Weights
 from jinfer.sampling import SamplingParams
 from pallas_kernels.quantized_matmul import quantize_int4, quantize_int8, quantized_matmul_reference
 from pallas_kernels.testing import assert_close, random_normal, scaled_error
@@ -76,8 +76,8 @@ def test_w8a8_rounds_the_activations_as_the_int8_gemm_does(m):
     assert scaled_error(native_result, quantized_matmul(x, weights, kernels="native")) > 1e-3, "activations were not rounded"
 
 
-def _w4a8(n: int, k: int, group: int, seed: int = 1) -> W4A8Weights:
-    return W4A8Weights.from_int4(quantize_int4(jnp.asarray(random_normal(seed, (n, k))), group, False))
+def _panels(n: int, k: int, group: int, bits: int = 8, seed: int = 1) -> PanelInt4Weights:
+    return PanelInt4Weights.from_int4(quantize_int4(jnp.asarray(random_normal(seed, (n, k))), group, False), bits)
 
 
 # Rows of x: the 4-row tile and its remainders, past the other kernels' limit, a prefill chunk.
@@ -86,31 +86,34 @@ def _w4a8(n: int, k: int, group: int, seed: int = 1) -> W4A8Weights:
 @pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 9, native.MAX_ROWS + 7))
 @pytest.mark.parametrize("n", (8, 16, 24, 48))
 @pytest.mark.parametrize("k, group", ((64, 32), (576, 32), (576, 64), (640, 128)))
-def test_w4a8_kernel_matches_the_rounding_reference(m, n, k, group):
-    x, weights = jnp.asarray(random_normal(m + k, (m, k))), _w4a8(n, k, group)
+@pytest.mark.parametrize("bits", (8, 16))
+def test_w4a8_and_w4a16_kernels_match_the_rounding_reference(m, n, k, group, bits):
+    x, weights = jnp.asarray(random_normal(m + k, (m, k))), _panels(n, k, group, bits)
     assert native.supports_quantized(x, weights)
     assert_close(native.quantized_matmul(x, weights), int4_dynamic_matmul(x, weights))
 
 
-def test_w4a8_rounds_the_activations_per_block_of_32():
+@pytest.mark.parametrize("bits, fine_steps, unrounded_error", ((8, 1, 1e-3), (16, 254, 1e-6)))
+def test_w4a8_and_w4a16_round_the_activations_per_block_of_32(bits, fine_steps, unrounded_error):
     x = random_normal(0, (3, 128))
     x[1, 40] = 1e3  # an outlier coarsens only its own block's steps
     x[2, :32] = 0.0  # an all-zero block (scale 0) rounds to zeros
-    rounded = np.asarray(round_activation_blocks(jnp.asarray(x)))
+    rounded = np.asarray(round_activation_blocks(jnp.asarray(x), bits))
     blocks = x.reshape(3, 4, 32)
-    steps = np.abs(blocks).max(-1, keepdims=True) / 127
+    steps = np.abs(blocks).max(-1, keepdims=True) / 127 / fine_steps
     assert np.all(np.abs(rounded.reshape(3, 4, 32) - blocks) <= steps / 2 + 1e-6)
-    assert np.allclose(rounded[1, 64:], x[1, 64:], atol=0.02) and not np.allclose(rounded[1, 32:64], x[1, 32:64], atol=0.02)
+    assert np.max(np.abs(rounded.reshape(3, 4, 32) - blocks)[:2] / steps[:2]) > 0.4, "rounded more finely than the steps"
+    assert np.allclose(rounded[1, 64:], x[1, 64:], atol=0.02 / fine_steps) and not np.allclose(rounded[1, 32:64], x[1, 32:64], atol=0.02 / fine_steps)
     assert np.all(rounded[2, :32] == 0)
-    weights = _w4a8(16, 128, 32)
+    weights = _panels(16, 128, 32, bits)
     got = native.quantized_matmul(jnp.asarray(x), weights)
     assert_close(got, int4_dynamic_matmul(jnp.asarray(x), weights))
-    assert scaled_error(got, quantized_matmul_reference(jnp.asarray(x), weights.as_int4())) > 1e-4, "activations were not rounded"
+    assert scaled_error(got, quantized_matmul_reference(jnp.asarray(x), weights.as_int4())) > unrounded_error, "activations were not rounded"
 
 
-def test_w4a8_panels_hold_the_int4_weights():
+def test_panels_hold_the_int4_weights():
     int4 = quantize_int4(jnp.asarray(random_normal(3, (24, 128))), 32, False)
-    panels = W4A8Weights.from_int4(int4)
+    panels = PanelInt4Weights.from_int4(int4, 8)
     assert panels.shape == int4.shape and panels.group_size == 32
     assert not np.array_equal(panels.packed, int4.packed), "the rows were not interleaved"
     np.testing.assert_array_equal(panels.packed[0, :8], np.concatenate([int4.packed[0, :4], int4.packed[1, :4]]))
@@ -132,9 +135,9 @@ def test_a_nan_reaches_only_its_own_row_and_column(m):
     y = np.asarray(native.quantized_matmul(jnp.asarray(np.nan_to_num(x)), q))
     assert np.all(np.isnan(y[:, 33])) and np.isfinite(np.delete(y, 33, axis=1)).all()
     x[0, 50] = np.inf  # w4a8 rounds x per block: a NaN or infinity makes its whole row NaN
-    y = np.asarray(native.quantized_matmul(jnp.asarray(x), _w4a8(72, 64, 32)))
+    y = np.asarray(native.quantized_matmul(jnp.asarray(x), _panels(72, 64, 32)))
     assert np.all(np.isnan(y[[0, 2]])) and np.isfinite(np.delete(y, [0, 2], axis=0)).all()
-    assert np.all(np.isnan(np.asarray(int4_dynamic_matmul(jnp.asarray(x), _w4a8(72, 64, 32)))[[0, 2]]))
+    assert np.all(np.isnan(np.asarray(int4_dynamic_matmul(jnp.asarray(x), _panels(72, 64, 32)))[[0, 2]]))
 
 
 def _runs_native(fn, *args) -> bool:
@@ -162,9 +165,9 @@ def test_dispatch_hands_the_kernels_only_the_shapes_they_take():
     np.testing.assert_allclose(
         quantized_matmul(jnp.ones((3, 48)), odd_halves, kernels="native"), quantized_matmul_reference(jnp.ones((3, 48)), odd_halves)
     )
-    panels = _w4a8(8, 64, 32)
+    panels = _panels(8, 64, 32)
     assert _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), many, panels), "w4a8 takes any number of rows"
-    odd_blocks = _w4a8(8, 96, 32)  # K / 2 = 48 is not whole blocks of 32
+    odd_blocks = _panels(8, 96, 32)  # K / 2 = 48 is not whole blocks of 32
     assert not _runs_native(lambda x, q: quantized_matmul(x, q, kernels="native"), jnp.ones((3, 96)), odd_blocks)
     np.testing.assert_allclose(
         quantized_matmul(jnp.ones((3, 96)), odd_blocks, kernels="native"), int4_dynamic_matmul(jnp.ones((3, 96)), odd_blocks)
@@ -226,10 +229,10 @@ def _greedy_run(model, kernels: str) -> tuple[list[list[int]], np.ndarray]:
     return [r.output_ids for r in requests], np.concatenate(logits)
 
 
-@pytest.mark.parametrize("quantize", (None, "int8", "int4", "w4a8"))
+@pytest.mark.parametrize("quantize", (None, "int8", "int4", "w4a8", "w4a16"))
 def test_engine_with_native_kernels_gives_the_reference_tokens(tmp_path, monkeypatch, quantize):
     save_tiny_model("llama", tmp_path)
-    model = jinfer.load(tmp_path, quantize=quantize, group_size=32 if quantize in ("int4", "w4a8") else None)
+    model = jinfer.load(tmp_path, quantize=quantize, group_size=32 if quantize in ("int4", "w4a8", "w4a16") else None)
     calls = []
     for name in ("dense_matmul", "quantized_matmul"):
         traced = getattr(native, name)

@@ -24,7 +24,7 @@ from jinfer.config import EngineConfig, read_preset
 from jinfer.engine.engine import Engine
 from jinfer.model import abstract_params, count_params, full_forward
 from jinfer.ops.matmul import round_activation_blocks
-from jinfer.quantize import W4A8Weights, abstract_quantized_like, is_quantized, parameter_bytes, quantize_params
+from jinfer.quantize import PanelInt4Weights, abstract_quantized_like, is_quantized, parameter_bytes, quantize_params
 from jinfer.sampling import SamplingParams
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, dequantize
 from pallas_kernels.testing import assert_close
@@ -74,28 +74,30 @@ def tied_dir(tmp_path_factory):
     return directory
 
 
-def test_w4a8_holds_the_int4_weights_and_rounds_the_activations(tiny_dir, float_model, tmp_path):
+@pytest.mark.parametrize("mode, bits, atol", (("w4a8", 8, 0.05), ("w4a16", 16, 1e-3)))
+def test_panel_modes_hold_the_int4_weights_and_round_the_activations(tiny_dir, float_model, tmp_path, mode, bits, atol):
     int4 = jinfer.load(tiny_dir, quantize="int4", group_size=32)
-    w4a8 = jinfer.load(tiny_dir, quantize="w4a8", group_size=32)
-    panels = quantized_leaves(w4a8.params)
-    assert len(panels) == 7 * float_model.config.num_layers + 1 and all(isinstance(leaf, W4A8Weights) for leaf in panels)
+    rounded = jinfer.load(tiny_dir, quantize=mode, group_size=32)
+    panels = quantized_leaves(rounded.params)
+    assert len(panels) == 7 * float_model.config.num_layers + 1
+    assert all(isinstance(leaf, PanelInt4Weights) and leaf.activation_bits == bits for leaf in panels)
     for got, want in zip(panels, quantized_leaves(int4.params)):
         for a, b in zip(jax.tree.leaves(got.as_int4()), jax.tree.leaves(want)):
             np.testing.assert_array_equal(a, b)
-    logits = w4a8.logits(TOKENS)
-    assert_close(logits, int4.logits(TOKENS), atol=0.05)
-    assert not np.allclose(logits, int4.logits(TOKENS), atol=1e-5), "the activations were not rounded"
-    convert(tiny_dir, tmp_path / "w4a8", quantize="w4a8", group_size=32)
-    restored = jinfer.load(tmp_path / "w4a8")
-    record = json.loads((tmp_path / "w4a8" / "config.json").read_text())["quantization"]
-    assert record["tensors"]["layer_0/mlp/up_proj/kernel"] == {"layout": "int4", "group_size": 32, "symmetric": False, "activations": "int8"}
-    planned = abstract_quantized_like(flax.linen.unbox(abstract_params(restored.config)), "w4a8", 32)
+    logits = rounded.logits(TOKENS)
+    assert_close(logits, int4.logits(TOKENS), atol=atol)
+    assert not np.array_equal(logits, int4.logits(TOKENS)), "the activations were not rounded"
+    convert(tiny_dir, tmp_path / mode, quantize=mode, group_size=32)
+    restored = jinfer.load(tmp_path / mode)
+    record = json.loads((tmp_path / mode / "config.json").read_text())["quantization"]
+    assert record["tensors"]["layer_0/mlp/up_proj/kernel"] == {"layout": "int4", "group_size": 32, "symmetric": False, "activations": f"int{bits}"}
+    planned = abstract_quantized_like(flax.linen.unbox(abstract_params(restored.config)), mode, 32)
     assert jax.tree.structure(restored.params) == jax.tree.structure(planned)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), restored.params) == jax.tree.map(lambda a: (a.shape, a.dtype), planned)
     np.testing.assert_array_equal(restored.logits(TOKENS), logits)
 
 
-def test_w4a8_needs_whole_panels_of_rows():
+def test_panel_modes_need_whole_panels_of_rows():
     params = {"layer_0": {"attn": {"q_proj": {"kernel": jnp.ones((12, 64))}}}}
     with pytest.raises(ValueError, match="q_proj/kernel: quantize='w4a8' stores panels of 8 rows; its 12 output features"):
         quantize_params(params, "w4a8", 32)

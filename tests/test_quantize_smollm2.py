@@ -44,8 +44,8 @@ def reference_perplexity(f32, token_ids):
 
 @pytest.mark.parametrize(
     "mode, group_size, kv_cache_dtype, allowed",
-    [("int8", None, "auto", 0.01), ("int4", 32, "auto", 0.05), ("w4a8", 32, "auto", 0.05), (None, None, "int8", 0.01)],
-    ids=["int8_weights", "int4_g32_weights", "w4a8_g32", "int8_kv"],
+    [("int8", None, "auto", 0.01), ("int4", 32, "auto", 0.05), ("w4a8", 32, "auto", 0.05), ("w4a16", 32, "auto", 0.05), (None, None, "int8", 0.01)],
+    ids=["int8_weights", "int4_g32_weights", "w4a8_g32", "w4a16_g32", "int8_kv"],
 )
 def test_perplexity_stays_close(f32, token_ids, reference_perplexity, mode, group_size, kv_cache_dtype, allowed):
     model = f32 if mode is None else quantized(f32, mode, group_size)

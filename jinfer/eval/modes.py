@@ -29,6 +29,7 @@ MODES = {
     "int4-g64": Mode({"dtype": jnp.float32, "quantize": "int4", "group_size": 64}),
     "int4-g128": Mode({"dtype": jnp.float32, "quantize": "int4", "group_size": 128}),
     "w4a8-g32": Mode({"dtype": jnp.float32, "quantize": "w4a8", "group_size": 32}),
+    "w4a16-g32": Mode({"dtype": jnp.float32, "quantize": "w4a16", "group_size": 32}),
     "gguf": Mode({"dtype": jnp.float32, "quantize": "gguf"}),
     "int8-kv": Mode({"dtype": jnp.float32}, "int8"),
     "int8+int8-kv": Mode({"dtype": jnp.float32, "quantize": "int8"}, "int8"),

@@ -31,6 +31,7 @@ TARGETS = (
     "jinfer_matmul_int4",
     "jinfer_matmul_int4_symmetric",
     "jinfer_matmul_w4a8",
+    "jinfer_matmul_w4a16",
     "jinfer_paged_attention_f32",
     "jinfer_paged_attention_int8",
     "jinfer_rms_norm",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jinfer.native import library
 from jinfer.native.library import LANES
-from jinfer.quantize import DynamicInt8Weights, W4A8Weights
+from jinfer.quantize import DynamicInt8Weights, PanelInt4Weights
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights
 
 # Rows of x up to which the kernels beat XLA:CPU, by SmolLM2's layer shapes (WORKSPACE.md,
@@ -29,11 +29,11 @@ def supports_dense(x, kernel) -> bool:
     return kernel.dtype == jnp.float32 and _takes(x, kernel.shape[1], MAX_ROWS)
 
 
-def supports_quantized(x, weights: QuantizedWeights | W4A8Weights) -> bool:
+def supports_quantized(x, weights: QuantizedWeights | PanelInt4Weights) -> bool:
     """x: [M, K]; weights of dense shape [N, K] whose groups are whole vectors (int4: K split in two
     halves of whole vectors too; w4a8: of 32-column blocks, for any number of rows of x)."""
     fan_in = weights.shape[1]
-    if isinstance(weights, W4A8Weights):
+    if isinstance(weights, PanelInt4Weights):
         return fan_in % (2 * W4A8_BLOCK) == 0 and _takes(x, fan_in, x.shape[0])
     if isinstance(weights, Int4Weights) and fan_in % (2 * LANES):
         return False
@@ -52,12 +52,12 @@ def dense_matmul(x, kernel):
     return _call("jinfer_matmul_f32", x, kernel)
 
 
-def quantized_matmul(x, weights: QuantizedWeights | W4A8Weights):
+def quantized_matmul(x, weights: QuantizedWeights | PanelInt4Weights):
     """x: [M, K] float32; weights: Int8Weights / Int4Weights of dense shape [N, K] -> [M, N] float32,
-    `x @ dequantize(weights).T`; W4A8Weights: x rounded as jinfer.ops.matmul.round_activation_blocks
+    `x @ dequantize(weights).T`; PanelInt4Weights: x rounded as jinfer.ops.matmul.round_activation_blocks
     rounds it, times the weights (`supports_quantized`)."""
-    if isinstance(weights, W4A8Weights):
-        return _call("jinfer_matmul_w4a8", x, weights.packed, weights.scales, weights.mins)
+    if isinstance(weights, PanelInt4Weights):
+        return _call(f"jinfer_matmul_w4a{weights.activation_bits}", x, weights.packed, weights.scales, weights.mins)
     if isinstance(weights, Int8Weights):
         return _call("jinfer_matmul_int8", x, weights.values, weights.scales)
     if weights.symmetric:

@@ -41,14 +41,16 @@ using FloatResult = ffi::ResultBuffer<ffi::F32, 2>;
 constexpr int64_t kBlock = 32;        // columns of x sharing one int8 scale
 constexpr int64_t kPanelRows = 8;     // weight rows per panel: the int32 lanes of a 256-bit vector
 constexpr int64_t kChunk = 4;         // columns per byte lane group of vpdpbusd
-constexpr int kActivationRowsPerTile = 4;
 constexpr int kPanelsPerTile = 2;
 constexpr int64_t kPanelsPerUnit = 4;
+constexpr float kFineSteps = 254.0f;  // steps of the second int8 part per step of the first (|fine| <= 127)
 
-// x rounded per block: values [M, K], each block's scale [M, K / 32], and each weight group's sum of
-// rounded activations (scale times values) [M, groups].
+// x rounded per block: the int8 values [M, K] (Parts = 2: coarse values and the fine values of
+// what the coarse leave, in steps of 1/254 of theirs), each block's step [M, K / 32] (Parts = 2:
+// the fine step), and each weight group's sum of rounded activations [M, groups].
+template <int Parts>
 struct RoundedActivations {
-  std::vector<int8_t> values;
+  std::vector<int8_t> values[Parts];
   std::vector<float> scales, group_sums;
 };
 
@@ -58,9 +60,17 @@ inline f32x16 round_lanes(f32x16 v) {
   return (v + kRound) - kRound;
 }
 
-RoundedActivations round_activations(const float* x, int64_t m, int64_t k, int64_t groups) {
+inline void store_i8(int8_t* out, f32x16 low, f32x16 high) {
+  for (int l = 0; l < kLanes; ++l) out[l] = static_cast<int8_t>(low[l]), out[kLanes + l] = static_cast<int8_t>(high[l]);
+}
+
+template <int Parts>
+RoundedActivations<Parts> round_activations(const float* x, int64_t m, int64_t k, int64_t groups) {
   int64_t blocks = k / kBlock, blocks_per_group = blocks / groups;
-  RoundedActivations r{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * groups, 0.0f)};
+  RoundedActivations<Parts> r;
+  for (auto& values : r.values) values.resize(m * k);
+  r.scales.resize(m * blocks);
+  r.group_sums.assign(m * groups, 0.0f);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t b = 0; b < blocks; ++b) {
       const float* block = x + i * k + b * kBlock;
@@ -75,20 +85,29 @@ RoundedActivations round_activations(const float* x, int64_t m, int64_t k, int64
         scale = NAN;
         first = second = f32x16{};
       }
-      f32x16 low = round_lanes(first / divisor), high = round_lanes(second / divisor);
-      int8_t* values = r.values.data() + i * k + b * kBlock;
-      for (int l = 0; l < kLanes; ++l) values[l] = static_cast<int8_t>(low[l]), values[kLanes + l] = static_cast<int8_t>(high[l]);
+      f32x16 v_low = first / divisor, v_high = second / divisor;
+      f32x16 low = round_lanes(v_low), high = round_lanes(v_high);
+      store_i8(r.values[0].data() + i * k + b * kBlock, low, high);
+      if constexpr (Parts == 2) {
+        // v - round(v) is exact, so the fine part rounds the same wherever it is computed.
+        f32x16 fine_low = round_lanes((v_low - low) * kFineSteps), fine_high = round_lanes((v_high - high) * kFineSteps);
+        store_i8(r.values[1].data() + i * k + b * kBlock, fine_low, fine_high);
+        low = low * kFineSteps + fine_low;
+        high = high * kFineSteps + fine_high;
+        scale /= kFineSteps;
+      }
       r.scales[i * blocks + b] = scale;
       r.group_sums[i * groups + b / blocks_per_group] += scale * sum_lanes(low + high);
     }
   return r;
 }
 
+template <int Parts>
 struct Problem {
   const uint8_t* packed;  // [N, K / 2], in panels of 8 rows
   const float* scales;    // [N, groups], in panels of 8 rows
   const float* mins;      // [N, groups], in panels of 8 rows
-  const RoundedActivations* x;
+  const RoundedActivations<Parts>* x;
   float* y;               // [M, N]
   int64_t m, k, n, groups;
 };
@@ -106,21 +125,21 @@ inline f32x8 load_f32x8(const float* p) {
 }
 
 // y[m0 : m0 + MB, 8 * panel0 : 8 * (panel0 + NP)].
-template <int MB, int NP>
-void tile(const Problem& p, int64_t m0, int64_t panel0) {
+template <int Parts, int MB, int NP>
+void tile(const Problem<Parts>& p, int64_t m0, int64_t panel0) {
   int64_t half = p.k / 2, blocks = p.k / kBlock, half_blocks = blocks / 2, group_blocks = blocks / p.groups;
   int64_t panel_bytes = half * kPanelRows, panel_floats = p.groups * kPanelRows;
   const uint8_t* panels = p.packed + panel0 * panel_bytes;
   const float* scales = p.scales + panel0 * panel_floats;
-  const int8_t* xs[MB];
+  const int8_t* xs[Parts][MB];
   const float* x_scales[MB];
   for (int i = 0; i < MB; ++i) {
-    xs[i] = p.x->values.data() + (m0 + i) * p.k;
+    for (int part = 0; part < Parts; ++part) xs[part][i] = p.x->values[part].data() + (m0 + i) * p.k;
     x_scales[i] = p.x->scales.data() + (m0 + i) * blocks;
   }
   f32x8 acc[MB][NP] = {};
   for (int64_t b = 0; b < half_blocks; ++b) {
-    i32x8 low[MB][NP] = {}, high[MB][NP] = {};
+    i32x8 low[Parts][MB][NP] = {}, high[Parts][MB][NP] = {};
     for (int64_t chunk = 0; chunk < kBlock / kChunk; ++chunk) {
       int64_t col = b * kBlock + chunk * kChunk;
       u8x32 low_nibbles[NP], high_nibbles[NP];
@@ -131,21 +150,29 @@ void tile(const Problem& p, int64_t m0, int64_t panel0) {
         high_nibbles[j] = v & 0xF0;
         __builtin_prefetch(bytes + NP * panel_bytes);
       }
-      for (int i = 0; i < MB; ++i) {
-        i32x8 x_low = broadcast_chunk(xs[i] + col), x_high = broadcast_chunk(xs[i] + half + col);
-        for (int j = 0; j < NP; ++j) {
-          low[i][j] = dot_u8_i8(low[i][j], low_nibbles[j], (i8x32)x_low);
-          high[i][j] = dot_u8_i8(high[i][j], high_nibbles[j], (i8x32)x_high);
+      for (int part = 0; part < Parts; ++part)
+        for (int i = 0; i < MB; ++i) {
+          i32x8 x_low = broadcast_chunk(xs[part][i] + col), x_high = broadcast_chunk(xs[part][i] + half + col);
+          for (int j = 0; j < NP; ++j) {
+            low[part][i][j] = dot_u8_i8(low[part][i][j], low_nibbles[j], (i8x32)x_low);
+            high[part][i][j] = dot_u8_i8(high[part][i][j], high_nibbles[j], (i8x32)x_high);
+          }
         }
-      }
+    }
+    if constexpr (Parts == 2) {  // in fine steps: coarse * 254 + fine (|sum| < 2^28, exact in int32)
+      for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NP; ++j) {
+          low[0][i][j] = low[0][i][j] * static_cast<int32_t>(kFineSteps) + low[1][i][j];
+          high[0][i][j] = high[0][i][j] * static_cast<int32_t>(kFineSteps) + high[1][i][j];
+        }
     }
     int64_t group_low = b / group_blocks, group_high = (b + half_blocks) / group_blocks;
     for (int j = 0; j < NP; ++j) {
       f32x8 scale_low = load_f32x8(scales + j * panel_floats + group_low * kPanelRows);
       f32x8 scale_high = load_f32x8(scales + j * panel_floats + group_high * kPanelRows) * (1.0f / 16);
       for (int i = 0; i < MB; ++i)
-        acc[i][j] += __builtin_convertvector(low[i][j], f32x8) * (scale_low * x_scales[i][b]) +
-                     __builtin_convertvector(high[i][j], f32x8) * (scale_high * x_scales[i][b + half_blocks]);
+        acc[i][j] += __builtin_convertvector(low[0][i][j], f32x8) * (scale_low * x_scales[i][b]) +
+                     __builtin_convertvector(high[0][i][j], f32x8) * (scale_high * x_scales[i][b + half_blocks]);
     }
   }
   for (int i = 0; i < MB; ++i) {
@@ -159,35 +186,57 @@ void tile(const Problem& p, int64_t m0, int64_t panel0) {
   }
 }
 
-// Every row of x against NP panels from panel0, in tiles of up to kActivationRowsPerTile rows.
-template <int NP>
-void panel_rows(const Problem& p, int64_t panel0) {
+// Every row of x against NP panels from panel0, in tiles of up to 4 / Parts rows (the int32 sums
+// of a tile fill 16 registers).
+template <int Parts, int NP>
+void panel_rows(const Problem<Parts>& p, int64_t panel0) {
+  constexpr int kRows = 4 / Parts;
   int64_t i = 0;
-  for (; i + kActivationRowsPerTile <= p.m; i += kActivationRowsPerTile) tile<kActivationRowsPerTile, NP>(p, i, panel0);
+  for (; i + kRows <= p.m; i += kRows) tile<Parts, kRows, NP>(p, i, panel0);
   switch (p.m - i) {
-    case 3: return tile<3, NP>(p, i, panel0);
-    case 2: return tile<2, NP>(p, i, panel0);
-    case 1: return tile<1, NP>(p, i, panel0);
+    case 3: return tile<Parts, 3, NP>(p, i, panel0);
+    case 2: return tile<Parts, 2, NP>(p, i, panel0);
+    case 1: return tile<Parts, 1, NP>(p, i, panel0);
   }
+}
+
+template <int Parts>
+ffi::Error Matmul(ffi::ThreadPool& pool, FloatMatrix& x, ByteMatrix& packed, FloatMatrix& scales, FloatMatrix& mins,
+                  FloatResult& y) {
+  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = packed.dimensions()[0], groups = scales.dimensions()[1];
+  RoundedActivations<Parts> rounded = round_activations<Parts>(x.typed_data(), m, k, groups);
+  Problem<Parts> p{packed.typed_data(), scales.typed_data(), mins.typed_data(), &rounded, y->typed_data(), m, k, n, groups};
+  int64_t panels = n / kPanelRows;
+  run_units(pool, (panels + kPanelsPerUnit - 1) / kPanelsPerUnit, [&p, panels](int64_t unit) {
+    int64_t panel = unit * kPanelsPerUnit, end = std::min(panels, panel + kPanelsPerUnit);
+    for (; panel + kPanelsPerTile <= end; panel += kPanelsPerTile) panel_rows<Parts, kPanelsPerTile>(p, panel);
+    if (panel < end) panel_rows<Parts, 1>(p, panel);
+  });
+  return ffi::Error::Success();
 }
 
 ffi::Error MatmulW4A8(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed, FloatMatrix scales, FloatMatrix mins,
                       FloatResult y) {
-  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = packed.dimensions()[0], groups = scales.dimensions()[1];
-  RoundedActivations rounded = round_activations(x.typed_data(), m, k, groups);
-  Problem p{packed.typed_data(), scales.typed_data(), mins.typed_data(), &rounded, y->typed_data(), m, k, n, groups};
-  int64_t panels = n / kPanelRows;
-  run_units(pool, (panels + kPanelsPerUnit - 1) / kPanelsPerUnit, [&p, panels](int64_t unit) {
-    int64_t panel = unit * kPanelsPerUnit, end = std::min(panels, panel + kPanelsPerUnit);
-    for (; panel + kPanelsPerTile <= end; panel += kPanelsPerTile) panel_rows<kPanelsPerTile>(p, panel);
-    if (panel < end) panel_rows<1>(p, panel);
-  });
-  return ffi::Error::Success();
+  return Matmul<1>(pool, x, packed, scales, mins, y);
+}
+
+ffi::Error MatmulW4A16(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed, FloatMatrix scales, FloatMatrix mins,
+                       FloatResult y) {
+  return Matmul<2>(pool, x, packed, scales, mins, y);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_w4a8, MatmulW4A8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<ByteMatrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Arg<FloatMatrix>()
+                                  .Ret<FloatMatrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_w4a16, MatmulW4A16,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<FloatMatrix>()

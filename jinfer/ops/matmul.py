@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jinfer import native
 from jinfer.ops import backend as kernel_backend
-from jinfer.quantize import DynamicInt8Weights, W4A8Weights
+from jinfer.quantize import DynamicInt8Weights, PanelInt4Weights
 from pallas_kernels import quantized_matmul as qmm
 
 
@@ -26,14 +26,14 @@ def dense_matmul(x, kernel, *, kernels: str | None = None):
     return jnp.einsum("ti,oi->to", x, kernel, preferred_element_type=jnp.float32)
 
 
-def quantized_matmul(x, weights: qmm.QuantizedWeights | W4A8Weights, *, kernels: str | None = None):
+def quantized_matmul(x, weights: qmm.QuantizedWeights | PanelInt4Weights, *, kernels: str | None = None):
     """x: [M, K] float32 or bfloat16; weights: int8 / int4 weights of dense shape [N, K] (HF's
     [out, in] layout) -> [M, N] in x's dtype, `x @ dequantize(weights).T` accumulated in float32.
 
     `kernels` (None: the enclosing kernel_scope's mode) picks the Pallas kernel, the native CPU
     kernel (for the shapes it takes; w8a8 activations are rounded to int8 first, as in the reference;
-    w4a8's kernel rounds them itself) or the XLA reference (jinfer.ops.backend). The Pallas kernels
-    multiply w8a8 and w4a8 weights as plain int8 / int4 weights, activations unrounded.
+    the w4a8 / w4a16 kernel rounds them itself) or the XLA reference (jinfer.ops.backend). The Pallas
+    kernels multiply w8a8 and w4a8 / w4a16 weights as plain int8 / int4 weights, activations unrounded.
     """
     mode = kernel_backend.resolve(kernels)
     if mode == "native" and native.supports_quantized(x, weights):
@@ -46,12 +46,12 @@ def quantized_matmul(x, weights: qmm.QuantizedWeights | W4A8Weights, *, kernels:
             raise ValueError(f"x has K = {x.shape[-1]} input features but the weights have K = {weights.shape[1]}")
         if isinstance(weights, DynamicInt8Weights):
             return int8_dynamic_matmul(x, weights)
-        if isinstance(weights, W4A8Weights):
+        if isinstance(weights, PanelInt4Weights):
             return int4_dynamic_matmul(x, weights)
         return qmm.quantized_matmul_reference(x, weights)
     if isinstance(weights, DynamicInt8Weights):  # the kernels take them as plain int8 weights
         weights = qmm.Int8Weights(weights.values, weights.scales)
-    if isinstance(weights, W4A8Weights):
+    if isinstance(weights, PanelInt4Weights):
         weights = weights.as_int4()
     return qmm.quantized_matmul(x, weights, interpret=mode == "interpret")
 
@@ -80,21 +80,26 @@ def int8_dynamic_matmul(x, weights: DynamicInt8Weights):
     return (acc[:rows].astype(jnp.float32) * scales * weights.scales[:, 0]).astype(x.dtype)
 
 
-ACTIVATION_BLOCK = 32  # columns of x sharing one int8 scale in w4a8 products
+ACTIVATION_BLOCK = 32  # columns of x sharing one scale in w4a8 / w4a16 products
+FINE_STEPS = 254  # 16-bit activations: steps of the second int8 part per step of the first
 
 
-def round_activation_blocks(x):
-    """x: [M, K] float, K % 32 == 0 -> [M, K] float32: each block of 32 columns rounded to int8 steps
-    of max|block| / 127 (ties to even) and scaled back, as w4a8's CPU kernel rounds its activations."""
+def round_activation_blocks(x, bits: int = 8):
+    """x: [M, K] float, K % 32 == 0 -> [M, K] float32, as the w4a8 / w4a16 CPU kernel rounds its
+    activations: each block of 32 columns in int8 steps of max|block| / 127 (ties to even); with
+    `bits` 16, what that leaves is rounded again in steps 254 times finer (a second int8 part)."""
     rows, cols = x.shape
     blocks = x.astype(jnp.float32).reshape(rows, cols // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
     scales = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
-    values = jnp.round(blocks / jnp.where(scales == 0, 1.0, scales))
+    steps = blocks / jnp.where(scales == 0, 1.0, scales)
+    values = jnp.round(steps)
+    if bits == 16:  # steps - values is exact, so this rounds as the kernel does
+        values = values + jnp.round((steps - values) * FINE_STEPS) / FINE_STEPS
     return (values * scales).reshape(rows, cols)
 
 
-def int4_dynamic_matmul(x, weights: W4A8Weights):
-    """x: [M, K] float; weights: w4a8 of dense shape [N, K] -> [M, N] in x's dtype: the rounded
-    activations (`round_activation_blocks`) times the dequantized weights, in float32."""
-    rounded = round_activation_blocks(x)
+def int4_dynamic_matmul(x, weights: PanelInt4Weights):
+    """x: [M, K] float; weights: w4a8 / w4a16 of dense shape [N, K] -> [M, N] in x's dtype: the
+    rounded activations (`round_activation_blocks`) times the dequantized weights, in float32."""
+    rounded = round_activation_blocks(x, weights.activation_bits)
     return qmm.quantized_matmul_reference(rounded, weights.as_int4()).astype(x.dtype)
