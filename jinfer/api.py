@@ -74,7 +74,7 @@ class LLM:
         speculative: SpeculativeConfig | None = None,
         **engine_options,
     ):
-        """`quantize` ("int8" / "int4" / "w4a8" with `group_size`, "w8a8", "gguf"): quantization on load
+        """`quantize` ("int8" / "int4" / "w4a8" / "w4a16" with `group_size`, "w8a8", "gguf"): quantization on load
         (jinfer.load), the LM head too unless `quantize_lm_head` is False.
         `speculative`: speculative decoding (n-gram lookup, self-drafting, a draft model loaded from
         `speculative.draft_model` like the target, or the draft heads saved at `speculative.draft_heads`

@@ -182,7 +182,7 @@ def load(
     """Loads a GGUF file, an HF safetensors directory, a jinfer Orbax checkpoint, or a preset (random weights).
 
     With `cache`, a GGUF file is decoded once and kept in the model cache (see `checkpoint.model_cache`).
-    `quantize` ("int8", "int4" or "w4a8" with `group_size`, or "w8a8") quantizes the linear layers' weights after
+    `quantize` ("int8", "int4", "w4a8" or "w4a16" with `group_size`, or "w8a8") quantizes the linear layers' weights after
     loading (see `jinfer.quantize`), and the LM head unless `quantize_lm_head` is False (a head tied to
     the embedding gets a quantized copy; the embedding lookup stays in `dtype`). `quantize="gguf"` keeps
     a GGUF file's quantized linear weights as stored (`checkpoint.gguf_quant`: Q4_1 stays 4-bit, no

@@ -155,7 +155,7 @@ class PanelInt4Weights:
     `activation_bits` (8: quantize="w4a8", 16: "w4a16") per block of 32 columns. The arrays are Int4Weights' (half-split nibbles, a scale
     and a min per row and group) with the rows of each panel of 8 interleaved (`interleave_panels`):
     4 bytes of row 0, of row 1, ... of row 7, then the next 4 bytes of each; the scales and mins one
-    group at a time. jinfer's CPU kernel (jinfer/native/matmul_w4a8.cc) multiplies a panel's 8 rows
+    group at a time. jinfer's CPU kernel (jinfer/native/matmul_panels.cc) multiplies a panel's 8 rows
     in the 8 lanes of a vector; the other paths take `as_int4()`."""
 
     packed: jax.Array  # [N, K // 2] uint8, in panels

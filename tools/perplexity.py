@@ -11,8 +11,8 @@ numbers compare only on the same version; `--text=PATH` reads a UTF-8 file inste
 A mode says how the weights and the KV cache are held: `f32` and `bf16` (weights and activations in
 that dtype; f32 of the GGUF file is its dequantized weights, the reference), `int8` / `int4-gN`
 (linear weights quantized on load), `gguf` (the file's own quantized blocks, `quantize="gguf"`),
-`w8a8` (int8 weights and dynamically quantized int8 activations), `w4a8-g32` (int4 weights in
-groups of 32 and int8 activations rounded per block of 32), `int8-kv` (K/V rounded as
+`w8a8` (int8 weights and dynamically quantized int8 activations), `w4a8-g32` / `w4a16-g32` (int4
+weights in groups of 32 and activations rounded to 8 / 16 bits per block of 32), `int8-kv` (K/V rounded as
 the int8 KV cache stores them) and the combinations `int8+int8-kv`, `w8a8+int8-kv`
 (`jinfer.eval.modes`). A mode the model cannot take (a group size that does not divide a layer)
 is reported as refused.

@@ -47,7 +47,7 @@ def convert(
 
     With `mesh` the parameters are loaded into that mesh and saved as they lie, each array chunked
     by its shards, so restoring into the same mesh reads every device's shard as one chunk.
-    With `quantize` ("int8", "int4" or "w4a8" with `group_size`, "w8a8", or "gguf": a GGUF file's blocks as
+    With `quantize` ("int8", "int4", "w4a8" or "w4a16" with `group_size`, "w8a8", or "gguf": a GGUF file's blocks as
     stored; the LM head too unless `quantize_lm_head` is False) the quantized layouts are saved, and config.json records them (`quantize.quantization_record`),
     so `jinfer.load(output)` restores them without quantizing again.
     """

@@ -1,4 +1,4 @@
-"""Builds jinfer's CPU kernels (matmul.cc, matmul_w4a8.cc, attention.cc, norm.cc, sampling.cc) with the machine's C++ compiler, once per source and
+"""Builds jinfer's CPU kernels (matmul.cc, matmul_panels.cc, attention.cc, norm.cc, sampling.cc) with the machine's C++ compiler, once per source and
 machine, and registers them with XLA as FFI targets.
 
 The shared library is cached under `JINFER_NATIVE_CACHE` (default `~/.cache/jinfer/native`), named
@@ -23,7 +23,7 @@ import jax
 import jaxlib
 from absl import logging
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("matmul.cc", "matmul_w4a8.cc", "attention.cc", "norm.cc", "sampling.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("matmul.cc", "matmul_panels.cc", "attention.cc", "norm.cc", "sampling.cc"))
 HEADERS = (pathlib.Path(__file__).with_name("vectors.h"),)
 TARGETS = (
     "jinfer_matmul_f32",

@@ -1,25 +1,29 @@
-// int4 weights times int8-rounded activations (quantize="w4a8") for XLA:CPU, registered as an XLA
-// FFI target (jinfer/native/library.py).
+// int4 weights in panels of 8 rows times activations rounded to 8 bits (quantize="w4a8") or 16 bits
+// ("w4a16") per block of 32 columns, for XLA:CPU, registered as XLA FFI targets
+// (jinfer/native/library.py).
 //
 // y[M, N] = round(x)[M, K] . w[N, K]^T. x is rounded to int8 per block of 32 columns, a scale of
-// max|block| / 127 each (jinfer.ops.matmul.round_activation_blocks is the XLA reference). w is int4
+// max|block| / 127 each; for 16 bits, what that leaves is rounded to a second int8 part in steps 254
+// times finer (jinfer.ops.matmul.round_activation_blocks is the XLA reference of both). w is int4
 // with a scale and a min per row and group of columns (w = q * scale + min), in the panel layout of
-// pallas_kernels/quantized_matmul/layout.py (`interleave_panels`): each panel of 8 weight rows holds,
-// for every chunk of 4 columns of the first half of K, the 4 bytes of row 0, then row 1, ... row 7;
-// a byte's low nibble is its column of the first half, its high nibble the same column of the
-// second half. Scales and mins are interleaved alike ([group][row] per panel).
+// jinfer/quantize.py (`interleave_panels`): each panel of 8 weight rows holds, for every chunk of 4
+// columns of the first half of K, the 4 bytes of row 0, then row 1, ... row 7; a byte's low nibble
+// is its column of the first half, its high nibble the same column of the second half. Scales and
+// mins are interleaved alike ([group][row] per panel).
 //
 // One 32-byte load thus gives, in its low nibbles, 4 columns of 8 weight rows, and vpdpbusd
 // (AVX-512 VNNI) multiplies them by the same 4 activations broadcast to every lane, adding into an
-// int32 lane per weight row: a block of 32 columns is 8 such steps per half, after which each lane
-// holds a row's exact integer dot product and is scaled once, 8 rows at a time. The high nibbles
-// are multiplied in place (byte & 0xF0, sixteen times the nibble), the 1/16 folded into their scale.
-// No sums across lanes, and about a tenth of an instruction per weight: decode streams the weights
-// at memory speed, and prefill multiplies 4 products per lane and instruction.
+// int32 lane per weight row: a block of 32 columns is 8 such steps per half (per int8 part), after
+// which each lane holds a row's exact integer dot product and is scaled once, 8 rows at a time. The
+// high nibbles are multiplied in place (byte & 0xF0, sixteen times the nibble), the 1/16 folded into
+// their scale. No sums across lanes, and about a tenth of an instruction per weight (w4a8; w4a16
+// twice the products): decode streams the weights at memory speed, and prefill multiplies 4
+// products per lane and instruction.
 //
-// A tile is 2 panels (16 weight rows) by up to 4 rows of x; tiles of one panel where N / 8 is odd.
-// Work is split over XLA's intra-op thread pool in units of kPanelsPerUnit panels. Needs N % 8 == 0,
-// K % 64 == 0 and groups of a multiple of 32 columns: jinfer/native/matmul.py checks before calling.
+// A tile is 2 panels (16 weight rows) by up to 4 rows of x (2 for w4a16); tiles of one panel where
+// N / 8 is odd. Work is split over XLA's intra-op thread pool in units of kPanelsPerUnit panels.
+// Needs N % 8 == 0, K % 64 == 0 and groups of a multiple of 32 columns: jinfer/native/matmul.py
+// checks before calling.
 
 #include <algorithm>
 #include <cmath>
@@ -38,12 +42,12 @@ using FloatMatrix = ffi::Buffer<ffi::F32, 2>;
 using ByteMatrix = ffi::Buffer<ffi::U8, 2>;
 using FloatResult = ffi::ResultBuffer<ffi::F32, 2>;
 
-constexpr int64_t kBlock = 32;        // columns of x sharing one int8 scale
+constexpr int64_t kBlock = 32;        // columns of x sharing one scale
 constexpr int64_t kPanelRows = 8;     // weight rows per panel: the int32 lanes of a 256-bit vector
 constexpr int64_t kChunk = 4;         // columns per byte lane group of vpdpbusd
 constexpr int kPanelsPerTile = 2;
 constexpr int64_t kPanelsPerUnit = 4;
-constexpr float kFineSteps = 254.0f;  // steps of the second int8 part per step of the first (|fine| <= 127)
+constexpr float kFineSteps = 254.0f;  // steps of the second int8 part per step of the first (|fine| <= 127): jinfer.ops.matmul.FINE_STEPS
 
 // x rounded per block: the int8 values [M, K] (Parts = 2: coarse values and the fine values of
 // what the coarse leave, in steps of 1/254 of theirs), each block's step [M, K / 32] (Parts = 2:
@@ -201,8 +205,8 @@ void panel_rows(const Problem<Parts>& p, int64_t panel0) {
 }
 
 template <int Parts>
-ffi::Error Matmul(ffi::ThreadPool& pool, FloatMatrix& x, ByteMatrix& packed, FloatMatrix& scales, FloatMatrix& mins,
-                  FloatResult& y) {
+ffi::Error Matmul(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed, FloatMatrix scales, FloatMatrix mins,
+                  FloatResult y) {
   int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = packed.dimensions()[0], groups = scales.dimensions()[1];
   RoundedActivations<Parts> rounded = round_activations<Parts>(x.typed_data(), m, k, groups);
   Problem<Parts> p{packed.typed_data(), scales.typed_data(), mins.typed_data(), &rounded, y->typed_data(), m, k, n, groups};
@@ -215,32 +219,12 @@ ffi::Error Matmul(ffi::ThreadPool& pool, FloatMatrix& x, ByteMatrix& packed, Flo
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulW4A8(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed, FloatMatrix scales, FloatMatrix mins,
-                      FloatResult y) {
-  return Matmul<1>(pool, x, packed, scales, mins, y);
-}
-
-ffi::Error MatmulW4A16(ffi::ThreadPool pool, FloatMatrix x, ByteMatrix packed, FloatMatrix scales, FloatMatrix mins,
-                       FloatResult y) {
-  return Matmul<2>(pool, x, packed, scales, mins, y);
+// x, packed weights, scales, mins -> y.
+auto binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<FloatMatrix>().Arg<ByteMatrix>().Arg<FloatMatrix>().Arg<FloatMatrix>().Ret<FloatMatrix>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_w4a8, MatmulW4A8,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<FloatMatrix>()
-                                  .Arg<ByteMatrix>()
-                                  .Arg<FloatMatrix>()
-                                  .Arg<FloatMatrix>()
-                                  .Ret<FloatMatrix>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_w4a16, MatmulW4A16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<FloatMatrix>()
-                                  .Arg<ByteMatrix>()
-                                  .Arg<FloatMatrix>()
-                                  .Arg<FloatMatrix>()
-                                  .Ret<FloatMatrix>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_w4a8, Matmul<1>, binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jinfer_matmul_w4a16, Matmul<2>, binding());
