@@ -208,6 +208,7 @@ def edited_copy(checkpoint: pathlib.Path, directory: pathlib.Path, edit) -> path
         (lambda c: c["quantization"]["tensors"]["layer_1/attn/q_proj/kernel"].update(group_size=48), r"layer_1/attn/q_proj/kernel: the checkpoint records group_size=48"),
         (lambda c: c["quantization"]["tensors"]["layer_1/attn/q_proj/kernel"].update(layout="int4", symmetric=True, group_size=64), r"'layer_1/attn/q_proj/kernel/packed' \(uint8 \(64, 32\)\) that its config.json implies is not in the checkpoint"),
         (lambda c: c["quantization"]["tensors"].update({"final_norm/scale": {"layout": "int8", "group_size": 64}}), r"'final_norm/scale', which is not a linear kernel"),
+        (lambda c: c["quantization"]["tensors"]["layer_1/attn/q_proj/kernel"].update(layout="int4", group_size=32, activations="int3"), r"layer_1/attn/q_proj/kernel: int4 weights with rounded activations .* activations='int3'"),
     ],
 )
 def test_a_quantized_checkpoint_with_a_mismatching_config_names_the_tensor(int8_checkpoint, tmp_path, edit, message):
