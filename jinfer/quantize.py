@@ -132,6 +132,7 @@ class DynamicInt8Weights(Int8Weights):
 
 
 PANEL_ROWS = 8  # weight rows per panel of PanelInt4Weights
+ACTIVATION_BLOCK = 32  # columns of x sharing one scale when PanelInt4Weights' products round x
 PANEL_CHUNK = 4  # bytes of a row per chunk of PanelInt4Weights' packed panels
 
 
@@ -163,14 +164,8 @@ class PanelInt4Weights:
     mins: jax.Array  # [N, K // G] float32, in panels
     activation_bits: int = dataclasses.field(metadata={"static": True})
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The dense weight's shape `(N, K)`."""
-        return (self.packed.shape[0], 2 * self.packed.shape[1])
-
-    @property
-    def group_size(self) -> int:
-        return self.shape[1] // self.scales.shape[1]
+    shape = Int4Weights.shape  # same arrays, same shapes
+    group_size = Int4Weights.group_size
 
     @classmethod
     def from_int4(cls, weights: Int4Weights, activation_bits: int) -> "PanelInt4Weights":

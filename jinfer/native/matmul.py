@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jinfer.native import library
 from jinfer.native.library import LANES
-from jinfer.quantize import DynamicInt8Weights, PanelInt4Weights
+from jinfer.quantize import ACTIVATION_BLOCK, DynamicInt8Weights, PanelInt4Weights
 from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedWeights
 
 # Rows of x up to which the kernels beat XLA:CPU, by SmolLM2's layer shapes (WORKSPACE.md,
@@ -16,12 +16,12 @@ from pallas_kernels.quantized_matmul import Int4Weights, Int8Weights, QuantizedW
 # w8a8 up to 16, past which XLA's int8 x int8 GEMM is faster.
 MAX_ROWS = 32
 MAX_W8A8_ROWS = 16
-W4A8_BLOCK = 32  # columns of x per int8 scale in the w4a8 kernel (jinfer.ops.matmul.ACTIVATION_BLOCK)
 
 
-def _takes(x, fan_in: int, max_rows: int) -> bool:
-    """x: [M, K] float32 with at most `max_rows` rows and K a whole number of vectors."""
-    return x.ndim == 2 and x.dtype == jnp.float32 and x.shape[0] <= max_rows and x.shape[1] == fan_in and fan_in % LANES == 0
+def _takes(x, fan_in: int, max_rows: int | None) -> bool:
+    """x: [M, K] float32 with at most `max_rows` rows (None: any) and K a whole number of vectors."""
+    rows_fit = max_rows is None or x.shape[0] <= max_rows
+    return x.ndim == 2 and x.dtype == jnp.float32 and rows_fit and x.shape[1] == fan_in and fan_in % LANES == 0
 
 
 def supports_dense(x, kernel) -> bool:
@@ -34,7 +34,7 @@ def supports_quantized(x, weights: QuantizedWeights | PanelInt4Weights) -> bool:
     halves of whole vectors too; w4a8: of 32-column blocks, for any number of rows of x)."""
     fan_in = weights.shape[1]
     if isinstance(weights, PanelInt4Weights):
-        return fan_in % (2 * W4A8_BLOCK) == 0 and _takes(x, fan_in, x.shape[0])
+        return fan_in % (2 * ACTIVATION_BLOCK) == 0 and _takes(x, fan_in, None)
     if isinstance(weights, Int4Weights) and fan_in % (2 * LANES):
         return False
     max_rows = MAX_W8A8_ROWS if isinstance(weights, DynamicInt8Weights) else MAX_ROWS

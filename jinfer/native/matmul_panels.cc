@@ -42,7 +42,7 @@ using FloatMatrix = ffi::Buffer<ffi::F32, 2>;
 using ByteMatrix = ffi::Buffer<ffi::U8, 2>;
 using FloatResult = ffi::ResultBuffer<ffi::F32, 2>;
 
-constexpr int64_t kBlock = 32;        // columns of x sharing one scale
+constexpr int64_t kBlock = 32;        // columns of x sharing one scale: jinfer.quantize.ACTIVATION_BLOCK
 constexpr int64_t kPanelRows = 8;     // weight rows per panel: the int32 lanes of a 256-bit vector
 constexpr int64_t kChunk = 4;         // columns per byte lane group of vpdpbusd
 constexpr int kPanelsPerTile = 2;

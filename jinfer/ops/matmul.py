@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jinfer import native
 from jinfer.ops import backend as kernel_backend
-from jinfer.quantize import DynamicInt8Weights, PanelInt4Weights
+from jinfer.quantize import ACTIVATION_BLOCK, DynamicInt8Weights, PanelInt4Weights
 from pallas_kernels import quantized_matmul as qmm
 
 
@@ -80,7 +80,6 @@ def int8_dynamic_matmul(x, weights: DynamicInt8Weights):
     return (acc[:rows].astype(jnp.float32) * scales * weights.scales[:, 0]).astype(x.dtype)
 
 
-ACTIVATION_BLOCK = 32  # columns of x sharing one scale in w4a8 / w4a16 products
 FINE_STEPS = 254  # 16-bit activations: steps of the second int8 part per step of the first
 
 
